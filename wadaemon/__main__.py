@@ -1,0 +1,3 @@
+from wadaemon.cli import main
+
+raise SystemExit(main())

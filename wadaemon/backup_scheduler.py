@@ -1,0 +1,120 @@
+"""When to back up each account: debounce, coalescing, retries, and the final flush.
+
+A change starts a quiet-period timer of `debounce` seconds, restarted by every further change
+but never delaying a backup more than `MAX_DELAY_FACTOR` x `debounce` after the first change, so
+an account written continuously is still backed up every few seconds. Changes that arrive while
+a backup runs cause exactly one more backup. A failed backup is retried with exponential backoff
+and jitter; only the newest state matters, so retries never queue up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+MAX_DELAY_FACTOR = 3.0
+RETRY_FIRST_S = 2.0
+RETRY_MAX_S = 300.0
+
+
+@dataclass
+class _Account:
+    dirty: bool = False
+    first_change: float | None = None
+    last_change: float = 0.0
+    running: bool = False
+    failures: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class BackupScheduler:
+    def __init__(self, run_backup: Callable[[str], Awaitable[bool]], debounce: float) -> None:
+        self._run_backup = run_backup
+        self.debounce = debounce
+        self._accounts: dict[str, _Account] = {}
+        self._flushing = False
+
+    def touch(self, account: str) -> None:
+        """Something in the account's directory changed."""
+        if self._flushing:
+            return
+        st = self._accounts.setdefault(account, _Account())
+        now = time.monotonic()
+        if st.first_change is None:
+            st.first_change = now
+        st.last_change = now
+        st.dirty = True
+        if st.task is None or st.task.done():
+            st.task = asyncio.create_task(self._worker(account, st), name=f"backup-{account}")
+        else:
+            st.wake.set()
+
+    def pending(self) -> list[str]:
+        return sorted(a for a, st in self._accounts.items() if st.dirty or st.running)
+
+    def failures(self, account: str) -> int:
+        st = self._accounts.get(account)
+        return st.failures if st else 0
+
+    async def _sleep_unless_woken(self, st: _Account, seconds: float) -> None:
+        st.wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(st.wake.wait(), max(0.0, seconds))
+
+    async def _worker(self, account: str, st: _Account) -> None:
+        while st.dirty:
+            while not self._flushing:
+                assert st.first_change is not None
+                deadline = min(
+                    st.last_change + self.debounce,
+                    st.first_change + self.debounce * MAX_DELAY_FACTOR,
+                )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._sleep_unless_woken(st, remaining)
+            st.dirty = False
+            st.first_change = None
+            st.running = True
+            try:
+                ok = await self._run_backup(account)
+            finally:
+                st.running = False
+            if ok:
+                st.failures = 0
+                continue
+            st.failures += 1
+            if self._flushing:
+                return  # shutting down: one attempt only
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (st.failures - 1))
+            delay *= random.uniform(0.5, 1.0)
+            log.info(
+                "%s: retrying the backup in %.0f s (attempt %d)", account, delay, st.failures + 1
+            )
+            if not st.dirty:
+                st.dirty = True
+                st.first_change = st.last_change = time.monotonic()
+            await self._sleep_retry(st, delay)
+
+    async def _sleep_retry(self, st: _Account, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._flushing and time.monotonic() < end:
+            await self._sleep_unless_woken(st, end - time.monotonic())
+        st.first_change = st.last_change = time.monotonic() - self.debounce * MAX_DELAY_FACTOR
+
+    async def flush(self) -> None:
+        """Back up every changed account now (no debounce), once, and wait for all backups."""
+        self._flushing = True
+        for st in self._accounts.values():
+            st.wake.set()
+        tasks = [st.task for st in self._accounts.values() if st.task and not st.task.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

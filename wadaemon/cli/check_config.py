@@ -1,0 +1,34 @@
+"""`wadaemon check-config`: validate the configuration and the keys, then say what they mean."""
+
+from __future__ import annotations
+
+import argparse
+
+from wadaemon.cli.common import add_config_option, keyring_for, load
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check-config", help="validate the configuration file and the key files")
+    add_config_option(p)
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = load(args)
+    print(f"{config.path}: ok")
+    print(f"  sessions_path   {config.sessions_path}")
+    print(f"  socket_path     {config.socket_path}")
+    b = config.backup
+    target = f"directory {b.directory}" if b.target == "directory" else b.target
+    print(
+        f"  backup          {target}, debounce {b.debounce_seconds:g} s, "
+        f"every {b.interval_seconds:g} s, keep {b.keep_generations} generations"
+    )
+    print(
+        f"  restore         on_boot={config.restore.on_boot}, "
+        f"timeout {config.restore.timeout_seconds:g} s"
+    )
+    print(f"  whatsapp        enabled={config.whatsapp.enabled}")
+    if b.target != "none":
+        print(f"  encryption      {keyring_for(config).describe()}")
+    return 0

@@ -1,0 +1,69 @@
+"""What several subcommands share: the --config option and loading what it names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from wadaemon.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, config_path_from, load_config
+from wadaemon.errors import WadaemonError
+from wadaemon.keyring import Keyring, load_keyring
+from wadaemon.layout import SessionsLayout, validate_account_id
+from wadaemon.replica import Replica
+from wadaemon.store import open_store
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})",
+    )
+
+
+def load(args: argparse.Namespace) -> Config:
+    return load_config(config_path_from(args.config))
+
+
+def keyring_for(config: Config) -> Keyring:
+    return load_keyring(config.encryption.key_file, config.encryption.old_key_files)
+
+
+@dataclass
+class Context:
+    config: Config
+    layout: SessionsLayout
+    replica: Replica
+
+
+def open_replica(args: argparse.Namespace) -> Context:
+    config = load(args)
+    store = open_store(config)
+    if store is None:
+        raise WadaemonError(
+            f"{config.path}: backup.target is none, so there are no backups; set it to directory"
+        )
+    replica = Replica(store, keyring_for(config), config.backup.keep_generations)
+    return Context(config, SessionsLayout(config.sessions_path), replica)
+
+
+def accounts_arg(ctx: Context, given: list[str], *, local: bool) -> list[str]:
+    """The accounts named on the command line, or all of them."""
+    if given:
+        return [validate_account_id(a) for a in given]
+    names = set(ctx.layout.local_accounts()) if local else set(ctx.replica.store.list_accounts())
+    return sorted(names)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def is_tty() -> bool:
+    return os.isatty(1)

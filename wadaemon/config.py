@@ -1,0 +1,338 @@
+"""Configuration: read once from YAML, validated, frozen.
+
+Every problem is reported as one ConfigError that names the file, the key (with its line) and the
+fix. Relative paths in the file are taken relative to the directory that holds the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wadaemon.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/wadaemon/wadaemon.yaml")
+CONFIG_ENV = "WADAEMON_CONFIG"
+SESSIONS_PATH_ENV = "SESSIONS_PATH"
+BACKUP_TARGETS = ("directory", "firestore", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    key_file: Path
+    old_key_files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    target: str
+    directory: Path
+    debounce_seconds: float
+    interval_seconds: float
+    keep_generations: int
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    on_boot: bool
+    timeout_seconds: float
+    parallelism: int
+
+
+@dataclass(frozen=True)
+class WhatsAppConfig:
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    sessions_path: Path
+    socket_path: Path
+    log_level: str
+    encryption: EncryptionConfig
+    backup: BackupConfig
+    restore: RestoreConfig
+    whatsapp: WhatsAppConfig
+
+
+# --- schema -------------------------------------------------------------------------------------
+# A leaf is (kind, default). Kinds: "path", "paths", "bool", "int>=1", "float>0", "float>=0",
+# "choice:<a|b>". A nested dict is a section.
+
+Schema = Mapping[str, Any]
+
+SCHEMA: Schema = {
+    "sessions_path": ("path", "/var/lib/wadaemon/sessions"),
+    "socket_path": ("path", "/run/wadaemon/wadaemon.sock"),
+    "log_level": ("choice:" + "|".join(LOG_LEVELS), "info"),
+    "encryption": {
+        "key_file": ("path", "/etc/wadaemon/session.key"),
+        "old_key_files": ("paths", []),
+    },
+    "backup": {
+        "target": ("choice:" + "|".join(BACKUP_TARGETS), "directory"),
+        "directory": ("path", "/var/backups/wadaemon"),
+        "debounce_seconds": ("float>=0", 1.0),
+        "interval_seconds": ("float>0", 300.0),
+        "keep_generations": ("int>=1", 5),
+    },
+    "restore": {
+        "on_boot": ("bool", True),
+        "timeout_seconds": ("float>0", 120.0),
+        "parallelism": ("int>=1", 4),
+    },
+    "whatsapp": {
+        "enabled": ("bool", True),
+    },
+}
+
+
+class _Source:
+    """Where a value came from, for error messages."""
+
+    def __init__(self, path: Path, lines: dict[tuple[str, ...], int]) -> None:
+        self.path = path
+        self.lines = lines
+
+    def where(self, key: tuple[str, ...]) -> str:
+        line = self.lines.get(key)
+        dotted = ".".join(key)
+        return f"{self.path}:{line}: {dotted}" if line else f"{self.path}: {dotted}"
+
+
+def config_path_from(cli_value: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if cli_value:
+        return Path(cli_value)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and freeze the configuration at `path`."""
+    env = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found. Create it (the documented example is "
+            f"etc/wadaemon/wadaemon.yaml) or point --config / ${CONFIG_ENV} at another file."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from None
+    return parse_config(text, path, env)
+
+
+def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
+    raw, lines = _parse_yaml(text, path)
+    src = _Source(path, lines)
+    values = _apply_schema(SCHEMA, raw, (), src)
+    base = path.parent if path.parent != Path("") else Path(".")
+
+    def p(value: str) -> Path:
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else (base / candidate).absolute()
+
+    sessions = values["sessions_path"]
+    if environ.get(SESSIONS_PATH_ENV):
+        sessions = environ[SESSIONS_PATH_ENV]
+        if not Path(sessions).is_absolute():
+            raise ConfigError(
+                f"${SESSIONS_PATH_ENV}={sessions!r} is not an absolute path; set it to an "
+                "absolute directory such as /var/lib/wadaemon/sessions (the systemd drop-in does)."
+            )
+    enc, bak, rst, wa = (
+        values["encryption"],
+        values["backup"],
+        values["restore"],
+        values["whatsapp"],
+    )
+    config = Config(
+        path=path,
+        sessions_path=p(sessions),
+        socket_path=p(values["socket_path"]),
+        log_level=values["log_level"],
+        encryption=EncryptionConfig(
+            key_file=p(enc["key_file"]),
+            old_key_files=tuple(p(x) for x in enc["old_key_files"]),
+        ),
+        backup=BackupConfig(
+            target=bak["target"],
+            directory=p(bak["directory"]),
+            debounce_seconds=float(bak["debounce_seconds"]),
+            interval_seconds=float(bak["interval_seconds"]),
+            keep_generations=int(bak["keep_generations"]),
+        ),
+        restore=RestoreConfig(
+            on_boot=rst["on_boot"],
+            timeout_seconds=float(rst["timeout_seconds"]),
+            parallelism=int(rst["parallelism"]),
+        ),
+        whatsapp=WhatsAppConfig(enabled=wa["enabled"]),
+    )
+    _check_consistency(config, src)
+    return config
+
+
+def _check_consistency(config: Config, src: _Source) -> None:
+    if config.backup.target == "firestore":
+        raise ConfigError(
+            f"{src.where(('backup', 'target'))}: the firestore target is not available in this "
+            "version of wadaemon; use 'directory' (backups in a local or mounted directory) or "
+            "'none' (local sessions only)."
+        )
+    sessions = config.sessions_path
+    if config.backup.target == "directory":
+        backups = config.backup.directory
+        if backups == sessions or sessions in backups.parents or backups in sessions.parents:
+            raise ConfigError(
+                f"{src.where(('backup', 'directory'))}: the backup directory {backups} overlaps "
+                f"sessions_path {sessions}; put backups outside the sessions directory (ideally "
+                "on another disk)."
+            )
+
+
+# --- YAML with line numbers ---------------------------------------------------------------------
+
+
+def _parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({exc.problem}); fix the syntax.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax.") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(
+            f"{path}: the configuration must be a YAML mapping of keys to values, "
+            f"not a {type(data).__name__}; see etc/wadaemon/wadaemon.yaml for the layout."
+        )
+    lines: dict[tuple[str, ...], int] = {}
+    _record_lines(node, (), lines, path)
+    return data, lines
+
+
+def _record_lines(
+    node: yaml.Node, prefix: tuple[str, ...], lines: dict[tuple[str, ...], int], path: Path
+) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        full = (*prefix, key)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"{path}:{line}: {'.'.join(full)} appears twice; keep only one of them."
+            )
+        seen.add(key)
+        lines[full] = line
+        _record_lines(value_node, full, lines, path)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _apply_schema(
+    schema: Schema, raw: Any, prefix: tuple[str, ...], src: _Source
+) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{src.where(prefix)} must be a mapping with the keys {', '.join(schema)}; "
+            f"got {_describe(raw)}."
+        )
+    out: dict[str, Any] = {}
+    for key in raw:
+        if not isinstance(key, str) or key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(schema)}."
+            raise ConfigError(f"{src.where((*prefix, str(key)))}: unknown key; {hint}")
+    for key, spec in schema.items():
+        full = (*prefix, key)
+        if isinstance(spec, Mapping):
+            out[key] = _apply_schema(spec, raw.get(key), full, src)
+            continue
+        kind, default = spec
+        value = raw.get(key, default)
+        out[key] = _CHECKS[kind.split(":")[0]](value, kind, full, src)
+    return out
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _fail(full: tuple[str, ...], src: _Source, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{src.where(full)} must be {expected}; got {_describe(value)}.")
+
+
+def _check_path(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(full, src, "a path (a non-empty string)", value)
+    return value
+
+
+def _check_paths(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _fail(full, src, "a list of paths, such as [/etc/wadaemon/old.key]", value)
+    return [_check_path(v, kind, full, src) for v in value]
+
+
+def _check_bool(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(full, src, "true or false", value)
+    return value
+
+
+def _check_int(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(full, src, "a whole number of at least 1", value)
+    return value
+
+
+def _check_float(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> float:
+    strict = kind == "float>0"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value < 0 or (strict and value == 0) or value != value:
+        bound = "greater than 0" if strict else "0 or more"
+        raise _fail(full, src, f"a number of seconds {bound}", value)
+    return float(value)
+
+
+def _check_choice(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
+    choices = kind.split(":", 1)[1].split("|")
+    if value not in choices:
+        raise _fail(full, src, "one of " + ", ".join(choices), value)
+    return str(value)
+
+
+_CHECKS: dict[str, Callable[[Any, str, tuple[str, ...], _Source], Any]] = {
+    "path": _check_path,
+    "paths": _check_paths,
+    "bool": _check_bool,
+    "int>=1": _check_int,
+    "float>0": _check_float,
+    "float>=0": _check_float,
+    "choice": _check_choice,
+}

@@ -1,0 +1,223 @@
+"""Encryption keys and the sealed blob format.
+
+A key file holds 64 hexadecimal characters (a 256-bit master key). From each master key, HKDF
+derives independent subkeys: one for AES-256-GCM, one for piece identifiers (HMAC-SHA256), one for
+content digests, and a short public key id stored beside every blob so that restore can pick the
+right key from the keyring (the current key plus old, decrypt-only keys).
+
+Blob layout (all integers big-endian):
+    magic b"WAD1" | flags (1 byte) | key id (8 bytes) | nonce (12 bytes) | ciphertext + GCM tag
+The header and a caller-supplied context (account id, kind, generation) are the associated data,
+so a blob moved to another account or generation, or with its header edited, fails to decrypt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import stat
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from wadaemon.errors import ConfigError, DecryptError, WadaemonError
+
+MAGIC = b"WAD1"
+FLAG_ZLIB = 0x01
+KEY_ID_BYTES = 8
+NONCE_BYTES = 12
+HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + NONCE_BYTES
+MAX_PLAINTEXT = 256 * 1024 * 1024
+CREDENTIAL_NAME = "session-key"
+
+
+def _derive(master: bytes, label: str, length: int = 32) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None, info=f"wadaemon/v1/{label}".encode()
+    ).derive(master)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One master key and the subkeys derived from it."""
+
+    source: str
+    key_id: str
+    _aead: AESGCM = field(repr=False)
+    _piece_key: bytes = field(repr=False)
+    _digest_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, master: bytes, source: str) -> Key:
+        if len(master) != 32:
+            raise ValueError("a master key is 32 bytes")
+        return cls(
+            source=source,
+            key_id=_derive(master, "key-id", KEY_ID_BYTES).hex(),
+            _aead=AESGCM(_derive(master, "aes-256-gcm")),
+            _piece_key=_derive(master, "piece-id"),
+            _digest_key=_derive(master, "digest"),
+        )
+
+    def piece_id(self, data: bytes | memoryview) -> str:
+        return hmac.new(self._piece_key, data, hashlib.sha256).hexdigest()
+
+    def digest(self, data: bytes) -> str:
+        return hmac.new(self._digest_key, data, hashlib.sha256).hexdigest()
+
+
+class Keyring:
+    """The current key (encrypts) and old keys (decrypt only)."""
+
+    def __init__(self, current: Key, old: Sequence[Key] = ()) -> None:
+        self.current = current
+        self.by_id: dict[str, Key] = {}
+        for key in (current, *old):
+            self.by_id.setdefault(key.key_id, key)
+
+    def describe(self) -> str:
+        olds = [k for k in self.by_id.values() if k is not self.current]
+        text = f"current key {self.current.key_id} ({self.current.source})"
+        if olds:
+            text += "; old keys " + ", ".join(f"{k.key_id} ({k.source})" for k in olds)
+        return text
+
+    def seal(self, plaintext: bytes, context: bytes, *, compress: bool = True) -> bytes:
+        flags = 0
+        body = plaintext
+        if compress:
+            packed = zlib.compress(plaintext, 6)
+            if len(packed) < len(plaintext):
+                body, flags = packed, FLAG_ZLIB
+        nonce = os.urandom(NONCE_BYTES)
+        header = MAGIC + bytes([flags]) + bytes.fromhex(self.current.key_id) + nonce
+        return header + self.current._aead.encrypt(nonce, body, header + context)
+
+    def key_for(self, blob: bytes) -> Key:
+        """The key a blob was sealed with; DecryptError if the keyring lacks it."""
+        key_id = blob_key_id(blob)
+        key = self.by_id.get(key_id)
+        if key is None:
+            raise DecryptError(
+                f"sealed with key {key_id}, which is not in the keyring ({self.describe()}); "
+                "add the key file that was in use then to encryption.old_key_files"
+            )
+        return key
+
+    def open(self, blob: bytes, context: bytes) -> bytes:
+        key = self.key_for(blob)
+        header = blob[:HEADER_BYTES]
+        flags = header[4]
+        nonce = header[5 + KEY_ID_BYTES :]
+        try:
+            body = key._aead.decrypt(nonce, blob[HEADER_BYTES:], header + context)
+        except InvalidTag:
+            raise DecryptError(
+                f"authentication failed with key {key.key_id}: the blob was altered, "
+                "truncated, or belongs to another account or generation"
+            ) from None
+        if flags & FLAG_ZLIB:
+            inflater = zlib.decompressobj()
+            try:
+                body = inflater.decompress(body, MAX_PLAINTEXT)
+            except zlib.error as exc:
+                raise DecryptError(f"authenticated but does not decompress: {exc}") from None
+            if inflater.unconsumed_tail:
+                raise DecryptError("decompresses to more than the allowed size")
+        return body
+
+
+def blob_key_id(blob: bytes) -> str:
+    """The id of the key a blob says it was sealed with."""
+    if len(blob) < HEADER_BYTES + 16 or blob[:4] != MAGIC:
+        raise DecryptError("not a wadaemon blob (bad header or truncated)")
+    return blob[5 : 5 + KEY_ID_BYTES].hex()
+
+
+# --- key files ----------------------------------------------------------------------------------
+
+
+def parse_key(text: str, source: str) -> bytes:
+    cleaned = "".join(text.split())
+    if len(cleaned) != 64:
+        raise ConfigError(
+            f"{source}: a key file must hold exactly 64 hexadecimal characters (a 256-bit key), "
+            f"found {len(cleaned)} characters; create a key with `wadaemon keygen PATH`."
+        )
+    try:
+        return bytes.fromhex(cleaned)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: the key is not hexadecimal (only 0-9 and a-f are allowed); "
+            "create a key with `wadaemon keygen PATH`."
+        ) from None
+
+
+def read_key_file(path: Path, setting: str) -> Key:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: key file not found ({setting}); create one with `wadaemon keygen {path}` "
+            "and keep a copy somewhere safe: without it no backup can be restored."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot access the key file ({setting}): {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: the key file ({setting}) is not a regular file.")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{path}: the key file ({setting}) has mode {stat.S_IMODE(st.st_mode):04o}, so group "
+            f"or others can access it; run `chmod 600 {path}`."
+        )
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the key file ({setting}): {exc}") from None
+    return Key.from_bytes(parse_key(text, str(path)), str(path))
+
+
+def current_key_path(key_file: Path, environ: Mapping[str, str]) -> tuple[Path, str]:
+    """The systemd credential wins over encryption.key_file when it is present."""
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / CREDENTIAL_NAME).exists():
+        return Path(creds) / CREDENTIAL_NAME, f"systemd credential {CREDENTIAL_NAME}"
+    return key_file, "encryption.key_file"
+
+
+def load_keyring(
+    key_file: Path, old_key_files: Sequence[Path], environ: Mapping[str, str] | None = None
+) -> Keyring:
+    env = os.environ if environ is None else environ
+    path, setting = current_key_path(key_file, env)
+    current = read_key_file(path, setting)
+    old = [read_key_file(p, "encryption.old_key_files") for p in old_key_files]
+    return Keyring(current, old)
+
+
+def write_new_key(path: Path) -> Key:
+    """Create a key file with mode 0600; never overwrite an existing file."""
+    master = secrets.token_bytes(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise WadaemonError(
+            f"{path} already exists; refusing to overwrite it (a replaced key makes every backup "
+            "sealed with it unreadable). Choose another path, or move the old key away first."
+        ) from None
+    except OSError as exc:
+        raise WadaemonError(f"{path}: cannot create the key file: {exc.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(master.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(path, 0o600)  # in case the umask removed bits we meant to keep
+    return Key.from_bytes(master, str(path))

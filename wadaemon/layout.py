@@ -1,0 +1,121 @@
+"""The sessions directory: one directory per account, plus the daemon's own dot-directories.
+
+<sessions_path>/<account_id>/      an account's session (session.db for neonize accounts)
+<sessions_path>/.tmp/              snapshots and restores being built (same filesystem)
+<sessions_path>/.quarantine/       sessions set aside (corrupt, replaced); never deleted
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from wadaemon.errors import WadaemonError
+
+ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TMP_DIR = ".tmp"
+QUARANTINE_DIR = ".quarantine"
+
+
+class InvalidAccountId(WadaemonError):
+    pass
+
+
+def validate_account_id(account: str) -> str:
+    if not ACCOUNT_ID_RE.match(account):
+        raise InvalidAccountId(
+            f"{account!r} is not a valid account id: use 1 to 64 characters from a-z, 0-9, "
+            "'_' and '-', starting with a letter or digit (it is also a directory and a "
+            "document name)."
+        )
+    return account
+
+
+def is_account_id(name: str) -> bool:
+    return bool(ACCOUNT_ID_RE.match(name))
+
+
+class SessionsLayout:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP_DIR
+        self.quarantine = root / QUARANTINE_DIR
+
+    def prepare(self) -> None:
+        """Create the directories the daemon needs (sessions 0700) and clear stale temp files.
+
+        Only the daemon's own `.tmp/` is cleared: it holds copies being built, never the only
+        copy of a session.
+        """
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.quarantine.mkdir(mode=0o700, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(mode=0o700)
+        except OSError as exc:
+            raise WadaemonError(
+                f"{exc.filename or self.root}: cannot prepare the sessions directory: "
+                f"{exc.strerror}; check that it exists and that the daemon's user owns it."
+            ) from None
+
+    def prepare_tmp(self) -> None:
+        """Make sure `.tmp/` exists, without clearing it (a running daemon may be using it)."""
+        try:
+            self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WadaemonError(f"{self.tmp}: cannot create it: {exc.strerror}") from None
+
+    def account_dir(self, account: str) -> Path:
+        return self.root / validate_account_id(account)
+
+    def local_accounts(self) -> list[str]:
+        """Account ids that have a directory here; other names are ignored."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e.name for e in entries if is_account_id(e.name) and e.is_dir(follow_symlinks=False)
+        )
+
+    def account_of(self, path: str | Path) -> str | None:
+        """The account a changed path belongs to, or None for the daemon's own or foreign paths."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return None
+        if not rel.parts:
+            return None
+        first = rel.parts[0]
+        return first if is_account_id(first) else None
+
+    def new_temp_dir(self, purpose: str, account: str) -> Path:
+        self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.tmp / f"{purpose}-{account}-{os.getpid()}-{os.urandom(4).hex()}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def quarantine_path(self, account: str, reason: str) -> Path:
+        self.quarantine.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        base = self.quarantine / f"{account}.{stamp}.{reason}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}.{n}")
+        return path
+
+    def move_to_quarantine(self, account: str, reason: str) -> Path:
+        """Set an account directory aside (rename, same filesystem). Nothing is deleted."""
+        dest = self.quarantine_path(account, reason)
+        os.rename(self.account_dir(account), dest)
+        return dest
+
+
+def has_files(path: Path) -> bool:
+    """True if the directory tree holds at least one regular file."""
+    return any(files for _dirpath, _dirs, files in os.walk(path))

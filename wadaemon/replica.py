@@ -1,0 +1,286 @@
+"""Encrypted, incremental, versioned backups of account directories in a store.
+
+Commit protocol (a crash at any point leaves the previous head on a complete generation):
+  1. cut every file of a snapshot into pieces and name each by a keyed hash;
+  2. upload, sealed, only the pieces the store does not hold yet;
+  3. create the sealed manifest of the new generation (never overwriting one);
+  4. switch the head to it by compare-and-swap on the generation it replaced;
+  5. drop generations beyond retention and pieces that no kept generation references.
+Steps 1-5 of one account run under the store's account lock, so a garbage collection can never
+delete a piece that a concurrent commit has just decided to reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from wadaemon.errors import DecryptError, IntegrityError, WadaemonError
+from wadaemon.keyring import Keyring, blob_key_id
+from wadaemon.manifest import FileEntry, Manifest
+from wadaemon.snapshot import Snapshot
+from wadaemon.store.base import Head, NotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+PIECE_SIZE = 256 * 1024  # a multiple of every SQLite page size, so pieces are page-aligned
+# SQLite header fields that differ between two copies of the same content (file change counter,
+# schema cookie, version-valid-for): masked when deciding whether anything changed.
+_SQLITE_VOLATILE = ((24, 28), (40, 44), (92, 96))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def writer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def piece_context(account: str) -> bytes:
+    return b"wadaemon/piece\0" + account.encode()
+
+
+def manifest_context(account: str, generation: int) -> bytes:
+    return b"wadaemon/manifest\0" + account.encode() + b"\0" + str(generation).encode()
+
+
+def _content_sha(kind: str, data: bytes) -> str:
+    if kind != "sqlite" or len(data) < 100:
+        return hashlib.sha256(data).hexdigest()
+    head = bytearray(data[:100])
+    for start, end in _SQLITE_VOLATILE:
+        head[start:end] = bytes(end - start)
+    h = hashlib.sha256(head)
+    h.update(memoryview(data)[100:])
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    account: str
+    generation: int
+    created: bool  # False: content equal to the head, nothing written
+    files: int
+    size: int
+    pieces: int
+    uploaded_pieces: int = 0
+    uploaded_bytes: int = 0
+    collected: GcResult | None = None
+
+
+@dataclass(frozen=True)
+class GcResult:
+    dropped_generations: tuple[int, ...] = ()
+    deleted_pieces: int = 0
+    skipped: str = ""
+
+
+@dataclass
+class GenerationInfo:
+    generation: int
+    is_head: bool
+    manifest: Manifest | None = None
+    error: str = ""
+    key_id: str = field(default="")
+
+
+class Replica:
+    """One account set's backups in one store, sealed with one keyring."""
+
+    def __init__(self, store: Store, keyring: Keyring, keep_generations: int) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.keep_generations = keep_generations
+
+    # --- commit -------------------------------------------------------------------------------
+
+    def commit(self, snapshot: Snapshot) -> CommitResult:
+        account = snapshot.account
+        key = self.keyring.current
+        entries: list[FileEntry] = []
+        fingerprint: list[list[object]] = []
+        for f in snapshot.files:
+            data = (snapshot.root / f.path).read_bytes()
+            pieces = tuple(
+                key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
+                for o in range(0, len(data), PIECE_SIZE)
+            )
+            entries.append(
+                FileEntry(
+                    path=f.path,
+                    kind=f.kind,
+                    mode=f.mode,
+                    size=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    pieces=pieces,
+                )
+            )
+            fingerprint.append([f.path, f.kind, f.mode, len(data), _content_sha(f.kind, data)])
+        digest = key.digest(json.dumps(fingerprint, separators=(",", ":")).encode())
+        size = sum(e.size for e in entries)
+        all_ids = {p for e in entries for p in e.pieces}
+
+        with self.store.account_lock(account):
+            head = self.store.read_head(account)
+            if head is not None and head.state == "active" and head.digest == digest:
+                return CommitResult(
+                    account, head.generation, False, len(entries), size, len(all_ids)
+                )
+            missing = self.store.missing_pieces(account, all_ids)
+            uploaded_bytes = self._upload(snapshot.root, account, entries, missing)
+            expected = head.generation if head else None
+            generation = max([expected or 0, *self.store.list_generations(account)]) + 1
+            manifest = Manifest(
+                account, generation, _now(), socket.gethostname(), digest, tuple(entries)
+            )
+            while not self.store.create_manifest(
+                account, generation, self._seal_manifest(manifest)
+            ):
+                generation += 1  # a crashed or concurrent writer left a manifest with this number
+                manifest = Manifest(
+                    account, generation, manifest.created_at, manifest.host, digest, tuple(entries)
+                )
+            self.store.switch_head(
+                account,
+                expected,
+                Head(generation, digest, key.key_id, "active", _now(), writer_name()),
+            )
+            collected = self._collect_garbage_locked(account)
+        return CommitResult(
+            account,
+            generation,
+            True,
+            len(entries),
+            size,
+            len(all_ids),
+            len(missing),
+            uploaded_bytes,
+            collected,
+        )
+
+    def _seal_manifest(self, manifest: Manifest) -> bytes:
+        return self.keyring.seal(
+            manifest.to_bytes(), manifest_context(manifest.account, manifest.generation)
+        )
+
+    def _upload(self, root: Path, account: str, entries: list[FileEntry], missing: set[str]) -> int:
+        uploaded = 0
+        todo = set(missing)
+        context = piece_context(account)
+        for entry in entries:
+            if not todo.intersection(entry.pieces):
+                continue
+            with open(root / entry.path, "rb") as fh:
+                for piece_id in entry.pieces:
+                    data = fh.read(PIECE_SIZE)
+                    if piece_id in todo:
+                        blob = self.keyring.seal(data, context)
+                        self.store.write_piece(account, piece_id, blob)
+                        uploaded += len(blob)
+                        todo.discard(piece_id)
+        return uploaded
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def collect_garbage(self, account: str) -> GcResult:
+        with self.store.account_lock(account):
+            return self._collect_garbage_locked(account)
+
+    def _collect_garbage_locked(self, account: str) -> GcResult:
+        head = self.store.read_head(account)
+        if head is None:
+            return GcResult(skipped="no head")
+        generations = sorted(self.store.list_generations(account), reverse=True)
+        committed = [g for g in generations if g <= head.generation]
+        if not committed or committed[0] != head.generation:
+            msg = f"the head's generation {head.generation} has no manifest; nothing collected"
+            log.error("%s: %s", account, msg)
+            return GcResult(skipped=msg)
+        keep = committed[: self.keep_generations]
+        # Manifests above the head are leftovers of commits that crashed before switching it;
+        # we hold the account lock, so no commit is in progress.
+        dropped = tuple(g for g in generations if g not in keep)
+        referenced: set[str] = set()
+        try:
+            for g in keep:
+                referenced.update(p for f in self.load_manifest(account, g).files for p in f.pieces)
+        except WadaemonError as exc:
+            msg = f"cannot read a kept generation ({exc}); no piece collected"
+            log.warning("%s: %s", account, msg)
+            for g in dropped:
+                self.store.delete_manifest(account, g)
+            return GcResult(dropped, 0, msg)
+        for g in dropped:
+            self.store.delete_manifest(account, g)
+        unreferenced = self.store.list_pieces(account) - referenced
+        for piece_id in unreferenced:
+            self.store.delete_piece(account, piece_id)
+        return GcResult(dropped, len(unreferenced))
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def load_manifest(self, account: str, generation: int) -> Manifest:
+        return self._open_manifest(
+            account, generation, self.store.read_manifest(account, generation)
+        )
+
+    def _open_manifest(self, account: str, generation: int, blob: bytes) -> Manifest:
+        try:
+            plain = self.keyring.open(blob, manifest_context(account, generation))
+        except DecryptError as exc:
+            raise DecryptError(f"generation {generation} manifest: {exc}") from None
+        return Manifest.from_bytes(plain, account, generation)
+
+    def read_piece(self, account: str, piece_id: str) -> bytes:
+        blob = self.store.read_piece(account, piece_id)
+        try:
+            key = self.keyring.key_for(blob)
+            data = self.keyring.open(blob, piece_context(account))
+        except DecryptError as exc:
+            raise DecryptError(f"piece {piece_id[:16]}…: {exc}") from None
+        if key.piece_id(data) != piece_id:
+            raise IntegrityError(f"piece {piece_id[:16]}… holds other content than its name says")
+        return data
+
+    def write_file(self, account: str, entry: FileEntry, dest: Path) -> None:
+        """Rebuild one file from its pieces, checking size and SHA-256."""
+        digest = hashlib.sha256()
+        size = 0
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            for piece_id in entry.pieces:
+                data = self.read_piece(account, piece_id)
+                digest.update(data)
+                size += len(data)
+                out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise IntegrityError(
+                f"{entry.path}: rebuilt file does not match its manifest "
+                f"({size} bytes, expected {entry.size}; SHA-256 mismatch)"
+            )
+        os.chmod(dest, entry.mode & 0o7777)
+
+    def generations(self, account: str) -> list[GenerationInfo]:
+        head = self.store.read_head(account)
+        out: list[GenerationInfo] = []
+        for g in sorted(self.store.list_generations(account), reverse=True):
+            if head is None or g > head.generation:
+                continue  # uncommitted leftovers are not generations
+            info = GenerationInfo(g, g == head.generation)
+            try:
+                blob = self.store.read_manifest(account, g)
+                info.key_id = blob_key_id(blob)
+                info.manifest = self._open_manifest(account, g, blob)
+            except (WadaemonError, NotFound, StoreError) as exc:
+                info.error = str(exc)
+            out.append(info)
+        return out

@@ -1,0 +1,201 @@
+"""Restore: bring an account directory back from its newest generation that verifies.
+
+A generation is rebuilt in a temporary directory on the same filesystem as its destination,
+checked (GCM tags, piece names, sizes and SHA-256 of every file, PRAGMA integrity_check of every
+database in the worker process), fsynced, and only then renamed into place. A healthy local
+session is never overwritten; a corrupt one is moved to `.quarantine/`, never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wadaemon.errors import IntegrityError, WadaemonError
+from wadaemon.fsutil import fsync_dir, fsync_tree
+from wadaemon.layout import SessionsLayout, has_files
+from wadaemon.manifest import Manifest
+from wadaemon.replica import Replica
+from wadaemon.snapshot import check_directory
+
+log = logging.getLogger(__name__)
+
+
+class RestoreFailed(WadaemonError):
+    def __init__(self, message: str, failures: list[str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+@dataclass
+class LocalState:
+    state: str  # missing | empty | healthy | corrupt | unknown
+    detail: str = ""
+
+
+@dataclass
+class RestoreOutcome:
+    account: str
+    status: str  # restored | kept | no-backup | inactive | failed | unchecked
+    generation: int | None = None
+    detail: str = ""
+    failures: list[str] = field(default_factory=list)
+    quarantined: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in ("failed", "unchecked")
+
+    def line(self) -> str:
+        text = f"{self.account}: {self.status}"
+        if self.generation is not None:
+            text += f" (generation {self.generation})"
+        if self.detail:
+            text += f": {self.detail}"
+        return text
+
+
+def inspect_local(path: Path) -> LocalState:
+    if not path.is_dir():
+        return LocalState("missing")
+    if not has_files(path):
+        return LocalState("empty")
+    try:
+        report = check_directory(path)
+    except WadaemonError as exc:
+        return LocalState("unknown", f"could not check it: {exc}")
+    if report.healthy:
+        return LocalState("healthy", f"{report.files} files, {len(report.databases)} databases ok")
+    return LocalState("corrupt", report.describe_corruption())
+
+
+class Restorer:
+    def __init__(self, layout: SessionsLayout, replica: Replica) -> None:
+        self.layout = layout
+        self.replica = replica
+
+    def build(self, account: str, generation: int, dest: Path) -> Manifest:
+        """Rebuild one generation into the new directory `dest` and verify it."""
+        manifest = self.replica.load_manifest(account, generation)
+        dest.mkdir(mode=0o700)
+        for entry in manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.replica.write_file(account, entry, target)
+        fsync_tree(dest)
+        report = check_directory(dest, private_copy=True)
+        if not report.healthy:
+            raise IntegrityError(
+                f"restored copy fails integrity_check: {report.describe_corruption()}"
+            )
+        return manifest
+
+    def build_newest(
+        self, account: str, staging: Path, generation: int | None = None
+    ) -> tuple[int, Manifest, Path, list[str]]:
+        """Build the newest generation that verifies (or exactly `generation`) under `staging`.
+
+        Returns (generation, manifest, built directory, failures of newer generations).
+        """
+        head = self.replica.store.read_head(account)
+        if head is None:
+            raise RestoreFailed(f"{account}: the store holds no backup of this account", [])
+        if generation is not None:
+            candidates = [generation]
+        else:
+            candidates = sorted(
+                (g for g in self.replica.store.list_generations(account) if g <= head.generation),
+                reverse=True,
+            )
+        failures: list[str] = []
+        for g in candidates:
+            built = staging / f"restore-{account}-{g}-{os.getpid()}-{os.urandom(4).hex()}"
+            try:
+                manifest = self.build(account, g, built)
+            except (WadaemonError, OSError) as exc:
+                failures.append(f"generation {g}: {exc}")
+                log.warning("%s: generation %d cannot be restored: %s", account, g, exc)
+                shutil.rmtree(built, ignore_errors=True)  # our own partial copy
+                continue
+            return g, manifest, built, failures
+        tried = ", ".join(str(g) for g in candidates) or "none"
+        raise RestoreFailed(
+            f"{account}: no generation could be restored (tried {tried}): " + "; ".join(failures),
+            failures,
+        )
+
+    def restore_account(
+        self, account: str, *, force: bool = False, generation: int | None = None
+    ) -> RestoreOutcome:
+        """Restore into the sessions directory if the local session is missing, empty or corrupt
+        (or always, with force). Never raises for an expected failure: the outcome says it."""
+        target = self.layout.account_dir(account)
+        local = inspect_local(target)
+        if local.state == "healthy" and not force:
+            return RestoreOutcome(
+                account, "kept", detail=f"local session is healthy ({local.detail})"
+            )
+        if local.state == "unknown" and not force:
+            return RestoreOutcome(account, "unchecked", detail=local.detail + "; left as it is")
+        try:
+            head = self.replica.store.read_head(account)
+        except WadaemonError as exc:
+            return RestoreOutcome(account, "failed", detail=f"cannot read the backup head: {exc}")
+        if head is None:
+            return RestoreOutcome(account, "no-backup", detail=f"local session is {local.state}")
+        if head.state != "active" and generation is None and not force:
+            return RestoreOutcome(
+                account, "inactive", detail=f"the backup is marked {head.state}; not restored"
+            )
+        try:
+            g, manifest, built, failures = self.build_newest(account, self.layout.tmp, generation)
+        except RestoreFailed as exc:
+            return RestoreOutcome(account, "failed", detail=str(exc), failures=exc.failures)
+        except WadaemonError as exc:
+            return RestoreOutcome(account, "failed", detail=str(exc))
+        quarantined: Path | None = None
+        try:
+            if target.exists() and local.state != "empty":
+                reason = "corrupt" if local.state == "corrupt" else "replaced"
+                quarantined = self.layout.move_to_quarantine(account, reason)
+            try:
+                os.rename(built, target)  # replaces an empty directory atomically
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                quarantined = self.layout.move_to_quarantine(account, local.state)
+                os.rename(built, target)
+            fsync_dir(self.layout.root)
+        except OSError as exc:
+            shutil.rmtree(built, ignore_errors=True)
+            return RestoreOutcome(
+                account,
+                "failed",
+                g,
+                f"cannot move the restored copy into place: {exc}",
+                failures,
+                quarantined,
+            )
+        detail = f"{len(manifest.files)} files, {manifest.size} bytes, local was {local.state}"
+        if failures:
+            detail += "; newer generations failed: " + "; ".join(failures)
+        if quarantined:
+            detail += f"; previous copy moved to {quarantined}"
+        return RestoreOutcome(account, "restored", g, detail, failures, quarantined)
+
+    def restore_to(self, account: str, dest: Path, generation: int | None = None) -> RestoreOutcome:
+        """Restore into `dest` (which must not exist, or be empty), outside the sessions path."""
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise WadaemonError(f"{dest} exists and is not an empty directory; choose a new path")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        g, manifest, built, failures = self.build_newest(account, dest.parent, generation)
+        os.rename(built, dest)
+        fsync_dir(dest.parent)
+        detail = f"{len(manifest.files)} files, {manifest.size} bytes into {dest}"
+        if failures:
+            detail += "; newer generations failed: " + "; ".join(failures)
+        return RestoreOutcome(account, "restored", g, detail, failures)

@@ -1,0 +1,29 @@
+"""Backends that hold encrypted generations: one module per backend."""
+
+from __future__ import annotations
+
+from wadaemon.config import Config
+from wadaemon.errors import ConfigError
+from wadaemon.store.base import Head, HeadConflict, NotFound, Store, StoreError, StoreUnavailable
+from wadaemon.store.directory import DirectoryStore
+
+__all__ = [
+    "DirectoryStore",
+    "Head",
+    "HeadConflict",
+    "NotFound",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+]
+
+
+def open_store(config: Config) -> Store | None:
+    """The configured backend, or None for `backup.target: none`."""
+    target = config.backup.target
+    if target == "none":
+        return None
+    if target == "directory":
+        return DirectoryStore(config.backup.directory)
+    raise ConfigError(f"{config.path}: backup.target {target!r} is not available in this version")

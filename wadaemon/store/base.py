@@ -1,0 +1,108 @@
+"""The store interface: everything a backend must do, and nothing more.
+
+Modelled on Litestream's ReplicaClient. A backend keeps, per account, a head (the pointer to the
+current generation, switched by compare-and-swap), encrypted generation manifests (created once,
+never rewritten) and encrypted pieces (content-addressed by keyed hash). Backends never see
+plaintext and never decide anything: the replica does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from wadaemon.errors import WadaemonError
+
+HEAD_STATES = ("active", "logged_out", "removed")
+
+
+class StoreError(WadaemonError):
+    """The store failed or answered something unexpected."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now; retrying later may work."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class HeadConflict(StoreError):
+    """The head moved since it was read: another writer committed first."""
+
+
+@dataclass(frozen=True)
+class Head:
+    generation: int
+    digest: str
+    key_id: str
+    state: str
+    updated_at: str
+    writer: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Head:
+        try:
+            head = cls(
+                generation=int(raw["generation"]),
+                digest=str(raw["digest"]),
+                key_id=str(raw["key_id"]),
+                state=str(raw["state"]),
+                updated_at=str(raw["updated_at"]),
+                writer=str(raw["writer"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"malformed head record: {exc!r}") from None
+        if head.state not in HEAD_STATES:
+            raise StoreError(f"head has unknown state {head.state!r}")
+        return head
+
+
+class Store(Protocol):
+    def describe(self) -> str: ...
+
+    def list_accounts(self) -> list[str]: ...
+
+    def read_head(self, account: str) -> Head | None: ...
+
+    def switch_head(self, account: str, expected: int | None, head: Head) -> None:
+        """Set the head if its generation is still `expected` (None: no head yet).
+
+        Raises HeadConflict otherwise, and never moves a head to a lower generation.
+        """
+        ...
+
+    def missing_pieces(self, account: str, piece_ids: Iterable[str]) -> set[str]: ...
+
+    def write_piece(self, account: str, piece_id: str, blob: bytes) -> None: ...
+
+    def read_piece(self, account: str, piece_id: str) -> bytes: ...
+
+    def list_pieces(self, account: str) -> set[str]: ...
+
+    def delete_piece(self, account: str, piece_id: str) -> None: ...
+
+    def create_manifest(self, account: str, generation: int, blob: bytes) -> bool:
+        """Store a manifest durably; False if that generation already has one."""
+        ...
+
+    def read_manifest(self, account: str, generation: int) -> bytes: ...
+
+    def list_generations(self, account: str) -> list[int]: ...
+
+    def delete_manifest(self, account: str, generation: int) -> None: ...
+
+    def account_lock(self, account: str) -> AbstractContextManager[None]:
+        """Held across a commit or a garbage collection, so the two never interleave."""
+        ...
+
+
+def sorted_desc(values: Iterable[int]) -> Iterator[int]:
+    return iter(sorted(values, reverse=True))

@@ -1,0 +1,169 @@
+"""The directory backend: a local (or mounted) directory, the embedded default.
+
+<root>/<account>/HEAD.json                 the head, replaced atomically
+<root>/<account>/generations/<gen>.bin     encrypted manifests, created once
+<root>/<account>/pieces/<id[:2]>/<id>      encrypted pieces
+<root>/<account>/.commit.lock, .head.lock  flock(2) locks shared by every process
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from wadaemon.fsutil import atomic_create, atomic_write
+from wadaemon.layout import is_account_id
+from wadaemon.store.base import Head, HeadConflict, NotFound, StoreError, StoreUnavailable
+
+GEN_WIDTH = 12
+
+
+class DirectoryStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._mkdir_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"directory {self.root}"
+
+    # --- paths ---
+    def _account(self, account: str, create: bool = False) -> Path:
+        path = self.root / account
+        if create and not path.is_dir():
+            with self._mkdir_lock:
+                try:
+                    self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    for sub in ("generations", "pieces"):
+                        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreUnavailable(
+                        f"cannot create {path}: {exc.strerror}; check that the backup directory "
+                        "exists and is writable by the daemon's user"
+                    ) from None
+        return path
+
+    def _piece_path(self, account: str, piece_id: str) -> Path:
+        return self.root / account / "pieces" / piece_id[:2] / piece_id
+
+    def _manifest_path(self, account: str, generation: int) -> Path:
+        return self.root / account / "generations" / f"{generation:0{GEN_WIDTH}d}.bin"
+
+    @contextmanager
+    def _flock(self, account: str, name: str) -> Iterator[None]:
+        path = self._account(account, create=True) / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def account_lock(self, account: str) -> AbstractContextManager[None]:
+        return self._flock(account, ".commit.lock")
+
+    # --- accounts and heads ---
+    def list_accounts(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot list {self.root}: {exc.strerror}") from None
+        return sorted(
+            n for n in names if is_account_id(n) and (self.root / n / "HEAD.json").exists()
+        )
+
+    def read_head(self, account: str) -> Head | None:
+        path = self.root / account / "HEAD.json"
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: cannot read the head: {exc}") from None
+        return Head.from_dict(raw)
+
+    def switch_head(self, account: str, expected: int | None, head: Head) -> None:
+        with self._flock(account, ".head.lock"):
+            current = self.read_head(account)
+            current_gen = current.generation if current else None
+            if current_gen != expected:
+                raise HeadConflict(
+                    f"{account}: head is at generation {current_gen}, expected {expected}"
+                )
+            if current is not None and head.generation < current.generation:
+                raise HeadConflict(
+                    f"{account}: refusing to move the head back from generation "
+                    f"{current.generation} to {head.generation}"
+                )
+            atomic_write(self.root / account / "HEAD.json", head.to_bytes())
+
+    # --- pieces ---
+    def missing_pieces(self, account: str, piece_ids: Iterable[str]) -> set[str]:
+        return {p for p in set(piece_ids) if not self._piece_path(account, p).exists()}
+
+    def write_piece(self, account: str, piece_id: str, blob: bytes) -> None:
+        path = self._piece_path(account, piece_id)
+        self._account(account, create=True)
+        try:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write(path, blob)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write {path}: {exc.strerror}") from None
+
+    def read_piece(self, account: str, piece_id: str) -> bytes:
+        path = self._piece_path(account, piece_id)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"piece {piece_id[:16]}… is missing from {self.describe()}") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from None
+
+    def list_pieces(self, account: str) -> set[str]:
+        base = self.root / account / "pieces"
+        found: set[str] = set()
+        if not base.is_dir():
+            return found
+        for sub in os.scandir(base):
+            if sub.is_dir():
+                found.update(n for n in os.listdir(sub.path) if not n.startswith("."))
+        return found
+
+    def delete_piece(self, account: str, piece_id: str) -> None:
+        self._piece_path(account, piece_id).unlink(missing_ok=True)
+
+    # --- manifests ---
+    def create_manifest(self, account: str, generation: int, blob: bytes) -> bool:
+        self._account(account, create=True)
+        try:
+            return atomic_create(self._manifest_path(account, generation), blob)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot write a manifest for {account}: {exc.strerror}"
+            ) from None
+
+    def read_manifest(self, account: str, generation: int) -> bytes:
+        path = self._manifest_path(account, generation)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"{account}: generation {generation} has no manifest") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from None
+
+    def list_generations(self, account: str) -> list[int]:
+        base = self.root / account / "generations"
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[:-4]) for n in names if n.endswith(".bin") and n[:-4].isdigit())
+
+    def delete_manifest(self, account: str, generation: int) -> None:
+        self._manifest_path(account, generation).unlink(missing_ok=True)
