@@ -15,6 +15,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def main(args: argparse.Namespace) -> int:
     config = load(args)
+    keyring = keyring_for(config) if config.backup.target != "none" else None
     print(f"{config.path}: ok")
     print(f"  sessions_path   {config.sessions_path}")
     print(f"  socket_path     {config.socket_path}")
@@ -29,6 +30,6 @@ def main(args: argparse.Namespace) -> int:
         f"timeout {config.restore.timeout_seconds:g} s"
     )
     print(f"  whatsapp        enabled={config.whatsapp.enabled}")
-    if b.target != "none":
-        print(f"  encryption      {keyring_for(config).describe()}")
+    if keyring is not None:
+        print(f"  encryption      {keyring.describe()}")
     return 0
