@@ -147,10 +147,11 @@ class Replica:
                 manifest = Manifest(
                     account, generation, manifest.created_at, manifest.host, digest, tuple(entries)
                 )
+            history = (generation, *(head.history if head else ()))[: self.keep_generations]
             self.store.switch_head(
                 account,
                 expected,
-                Head(generation, digest, key.key_id, "active", _now(), writer_name()),
+                Head(generation, digest, key.key_id, "active", _now(), writer_name(), history),
             )
             collected = self._collect_garbage_locked(account)
         return CommitResult(
@@ -197,16 +198,10 @@ class Replica:
         head = self.store.read_head(account)
         if head is None:
             return GcResult(skipped="no head")
-        generations = sorted(self.store.list_generations(account), reverse=True)
-        committed = [g for g in generations if g <= head.generation]
-        if not committed or committed[0] != head.generation:
-            msg = f"the head's generation {head.generation} has no manifest; nothing collected"
-            log.error("%s: %s", account, msg)
-            return GcResult(skipped=msg)
-        keep = committed[: self.keep_generations]
-        # Manifests above the head are leftovers of commits that crashed before switching it;
-        # we hold the account lock, so no commit is in progress.
-        dropped = tuple(g for g in generations if g not in keep)
+        keep = [g for g in head.history if g <= head.generation][: self.keep_generations]
+        # Manifests outside the head's history are leftovers of commits that crashed before
+        # switching it; we hold the account lock, so no commit is in progress.
+        dropped = tuple(g for g in self.store.list_generations(account) if g not in keep)
         referenced: set[str] = set()
         try:
             for g in keep:
@@ -272,9 +267,7 @@ class Replica:
     def generations(self, account: str) -> list[GenerationInfo]:
         head = self.store.read_head(account)
         out: list[GenerationInfo] = []
-        for g in sorted(self.store.list_generations(account), reverse=True):
-            if head is None or g > head.generation:
-                continue  # uncommitted leftovers are not generations
+        for g in head.history if head else ():
             info = GenerationInfo(g, g == head.generation)
             try:
                 blob = self.store.read_manifest(account, g)

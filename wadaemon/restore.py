@@ -107,10 +107,7 @@ class Restorer:
         if generation is not None:
             candidates = [generation]
         else:
-            candidates = sorted(
-                (g for g in self.replica.store.list_generations(account) if g <= head.generation),
-                reverse=True,
-            )
+            candidates = list(head.history)
         failures: list[str] = []
         for g in candidates:
             built = staging / f"restore-{account}-{g}-{os.getpid()}-{os.urandom(4).hex()}"

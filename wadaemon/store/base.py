@@ -43,6 +43,13 @@ class Head:
     state: str
     updated_at: str
     writer: str
+    # committed generations, newest first (the current one included): only these are backups;
+    # any other manifest is the leftover of a commit that never switched the head
+    history: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.history:
+            object.__setattr__(self, "history", (self.generation,))
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -57,6 +64,7 @@ class Head:
                 state=str(raw["state"]),
                 updated_at=str(raw["updated_at"]),
                 writer=str(raw["writer"]),
+                history=tuple(int(g) for g in raw.get("history", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed head record: {exc!r}") from None
