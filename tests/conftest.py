@@ -1,4 +1,4 @@
-"""Shared fixtures: a real configuration, key and directories, the CLI and the daemon as processes."""
+"""Shared fixtures: a real configuration, key and directories; the CLI and daemon as processes."""
 
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import Env, make_db, read_ids, run_sql
 
+from wadaemon.errors import DecryptError
 from wadaemon.keyring import write_new_key
 
 GEN_DIR = "generations"
@@ -168,9 +170,6 @@ def test_blob_moved_to_another_account_is_refused(env: Env) -> None:
     shutil.copy(
         env.backups / "alice" / "pieces" / piece[:2] / piece, bob_pieces / piece[:2] / piece
     )
-    import pytest
-
-    from wadaemon.errors import DecryptError
 
     with pytest.raises(DecryptError):
         env.replica().read_piece("bob", piece)

@@ -266,8 +266,10 @@ class Replica:
 
     def generations(self, account: str) -> list[GenerationInfo]:
         head = self.store.read_head(account)
+        if head is None:
+            return []
         out: list[GenerationInfo] = []
-        for g in head.history if head else ():
+        for g in head.history:
             info = GenerationInfo(g, g == head.generation)
             try:
                 blob = self.store.read_manifest(account, g)
