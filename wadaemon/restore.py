@@ -104,10 +104,12 @@ class Restorer:
         head = self.replica.store.read_head(account)
         if head is None:
             raise RestoreFailed(f"{account}: the store holds no backup of this account", [])
-        if generation is not None:
-            candidates = [generation]
-        else:
-            candidates = list(head.history)
+        if generation is not None and generation not in head.history:
+            kept = ", ".join(str(g) for g in head.history)
+            raise RestoreFailed(
+                f"{account}: generation {generation} is not a kept backup (kept: {kept})", []
+            )
+        candidates = [generation] if generation is not None else list(head.history)
         failures: list[str] = []
         for g in candidates:
             built = staging / f"restore-{account}-{g}-{os.getpid()}-{os.urandom(4).hex()}"
