@@ -20,13 +20,25 @@ ensure_system_packages() {
     }
 }
 
-# ensure_venv [EXTRA]: .venv with wadaemon installed (editable), plus the optional EXTRA group
+# ensure_venv [EXTRA]: .venv with wadaemon installed (editable), plus the optional EXTRA group.
+# Reinstalls only when pyproject.toml changed; pip's output is shown only if it fails.
 ensure_venv() {
-    local spec="."
+    local spec="." stamp=".venv/.installed${1:+-$1}" want log
     [ -n "${1:-}" ] && spec=".[$1]"
-    if [ ! -x .venv/bin/python ]; then
-        python3 -m venv .venv
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
     fi
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    log=$(mktemp)
+    if ! { .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip &&
+           .venv/bin/python -m pip install --disable-pip-version-check -q -e "$spec"; } >"$log" 2>&1
+    then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "installing the Python dependencies into .venv failed (see above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    echo "$want" > "$stamp"
 }

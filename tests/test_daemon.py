@@ -211,3 +211,16 @@ def test_new_account_is_backed_up_within_seconds(
     time.sleep(1)
     assert daemon.stop() == 0
     assert not (env.backups / "not an account").exists()
+
+
+def test_second_daemon_on_the_same_sessions_is_refused(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    first = daemon_factory()
+    first.wait_for("ready")
+    second = daemon_factory()
+    assert second.proc.wait(30) == 1
+    assert "in use by another wadaemon" in second.log()
+    assert f"pid {first.proc.pid}" in second.log()
+    assert first.proc.poll() is None
+    assert first.stop() == 0

@@ -158,3 +158,19 @@ def test_unreadable_kept_generation_blocks_piece_collection(
     gc = replica.collect_garbage("erin")
     assert gc.skipped and gc.deleted_pieces == 0
     assert replica.store.list_pieces("erin") == pieces_before
+
+
+def test_temporary_files_of_a_dead_writer_are_swept(tmp_path: Path, keyring: Keyring) -> None:
+    engine, replica = setup_engine(tmp_path, keyring)
+    f = tmp_path / "sessions" / "gina" / "x.json"
+    f.parent.mkdir(parents=True)
+    f.write_text("1")
+    engine.backup("gina")
+    account = tmp_path / "backups" / "gina"
+    leftovers = [account / ".HEAD.json.1.ab.tmp", account / "generations" / ".x.1.cd.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    f.write_text("2")
+    engine.backup("gina")
+    assert not any(p.exists() for p in leftovers)
+    assert replica.store.read_head("gina") is not None

@@ -39,6 +39,7 @@ class Daemon:
             self.engine = BackupEngine(self.layout, self.replica)
             self.restorer = Restorer(self.layout, self.replica)
         self.stop_event = asyncio.Event()
+        self._lock_fd: int | None = None
         self._restore_pool = ThreadPoolExecutor(
             max_workers=config.restore.parallelism, thread_name_prefix="restore"
         )
@@ -52,6 +53,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        self._lock_fd = self.layout.lock()
         self.layout.prepare()
         target = self.replica.store.describe() if self.replica else "none (local sessions only)"
         log.info(
@@ -155,7 +157,7 @@ class Daemon:
         async with self._backup_slots:
             try:
                 result = await asyncio.to_thread(self.engine.backup, account)
-            except WadaemonError as exc:
+            except (WadaemonError, OSError) as exc:
                 log.error("%s: backup failed: %s", account, exc)
                 return False
             except Exception:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from wadaemon.errors import WadaemonError
 ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TMP_DIR = ".tmp"
 QUARANTINE_DIR = ".quarantine"
+LOCK_FILE = ".daemon.lock"
 
 
 class InvalidAccountId(WadaemonError):
@@ -43,6 +45,27 @@ class SessionsLayout:
         self.root = root
         self.tmp = root / TMP_DIR
         self.quarantine = root / QUARANTINE_DIR
+
+    def lock(self) -> int:
+        """Take the sessions directory for this process; refuse if another daemon has it.
+
+        Returns the descriptor that holds the lock; it is released when the process exits.
+        """
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WadaemonError(
+                f"{self.root} is in use by another wadaemon (pid {holder}); stop it first, or "
+                "give this one another sessions_path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
 
     def prepare(self) -> None:
         """Create the directories the daemon needs (sessions 0700) and clear stale temp files.

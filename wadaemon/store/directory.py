@@ -63,8 +63,22 @@ class DirectoryStore:
         finally:
             os.close(fd)
 
+    @contextmanager
+    def _commit_lock(self, account: str) -> Iterator[None]:
+        with self._flock(account, ".commit.lock"):
+            self._sweep_temporary(account)
+            yield
+
     def account_lock(self, account: str) -> AbstractContextManager[None]:
-        return self._flock(account, ".commit.lock")
+        return self._commit_lock(account)
+
+    def _sweep_temporary(self, account: str) -> None:
+        """Remove temporary files left by a writer that died (we hold the commit lock, and
+        every write of an account happens under it)."""
+        for dirpath, _dirs, files in os.walk(self.root / account):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    Path(dirpath, name).unlink(missing_ok=True)
 
     # --- accounts and heads ---
     def list_accounts(self) -> list[str]:
