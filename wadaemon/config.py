@@ -7,9 +7,10 @@ fix. Relative paths in the file are taken relative to the directory that holds t
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,11 @@ class Config:
     backup: BackupConfig
     restore: RestoreConfig
     whatsapp: WhatsAppConfig
+    lines: Mapping[tuple[str, ...], int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, *key: str) -> str:
+        """`file:line: dotted.key`, for messages about a configured value."""
+        return _Source(self.path, dict(self.lines)).where(key)
 
 
 # --- schema -------------------------------------------------------------------------------------
@@ -140,7 +146,9 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
 
     def p(value: str) -> Path:
         candidate = Path(value).expanduser()
-        return candidate if candidate.is_absolute() else (base / candidate).absolute()
+        if not candidate.is_absolute():
+            candidate = base / candidate
+        return Path(os.path.normpath(candidate.absolute()))
 
     sessions = values["sessions_path"]
     if environ.get(SESSIONS_PATH_ENV):
@@ -178,6 +186,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             parallelism=int(rst["parallelism"]),
         ),
         whatsapp=WhatsAppConfig(enabled=wa["enabled"]),
+        lines=lines,
     )
     _check_consistency(config, src)
     return config
@@ -192,7 +201,8 @@ def _check_consistency(config: Config, src: _Source) -> None:
         )
     sessions = config.sessions_path
     if config.backup.target == "directory":
-        backups = config.backup.directory
+        backups = config.backup.directory.resolve()
+        sessions = sessions.resolve()  # through symlinks too
         if backups == sessions or sessions in backups.parents or backups in sessions.parents:
             raise ConfigError(
                 f"{src.where(('backup', 'directory'))}: the backup directory {backups} overlaps "
@@ -286,8 +296,8 @@ def _fail(full: tuple[str, ...], src: _Source, expected: str, value: Any) -> Con
 
 
 def _check_path(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(full, src, "a path (a non-empty string)", value)
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _fail(full, src, "a path (a non-empty string without NUL characters)", value)
     return value
 
 
@@ -314,7 +324,7 @@ def _check_int(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> in
 def _check_float(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> float:
     strict = kind == "float>0"
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < 0 or (strict and value == 0) or value != value:
+    if not ok or not math.isfinite(value) or value < 0 or (strict and value == 0):
         bound = "greater than 0" if strict else "0 or more"
         raise _fail(full, src, f"a number of seconds {bound}", value)
     return float(value)

@@ -19,7 +19,7 @@ import os
 import secrets
 import stat
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,39 +150,52 @@ def parse_key(text: str, source: str) -> bytes:
     if len(cleaned) != 64:
         raise ConfigError(
             f"{source}: a key file must hold exactly 64 hexadecimal characters (a 256-bit key), "
-            f"found {len(cleaned)} characters; create a key with `wadaemon keygen PATH`."
+            f"found {len(cleaned)} characters; create a key with `wadaemon keygen PATH`"
         )
     try:
         return bytes.fromhex(cleaned)
     except ValueError:
         raise ConfigError(
             f"{source}: the key is not hexadecimal (only 0-9 and a-f are allowed); "
-            "create a key with `wadaemon keygen PATH`."
+            "create a key with `wadaemon keygen PATH`"
         ) from None
 
 
-def read_key_file(path: Path, setting: str) -> Key:
+def _missing_key_hint(path: Path, old: bool) -> str:
+    if old:
+        return (
+            "put back the old key from the copy you kept (a new key cannot decrypt what the old "
+            "one sealed), or remove it from encryption.old_key_files"
+        )
+    return (
+        f"create one with `wadaemon keygen {path}` and keep a copy somewhere safe: "
+        "without it no backup can be restored"
+    )
+
+
+def read_key_file(path: Path, setting: str, *, old: bool = False) -> Key:
+    """Read a key file. `setting` says where it was configured (for example
+    `/etc/wadaemon/wadaemon.yaml:12: encryption.key_file`) and starts every error message."""
     try:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(
-            f"{path}: key file not found ({setting}); create one with `wadaemon keygen {path}` "
-            "and keep a copy somewhere safe: without it no backup can be restored."
+            f"{setting}: key file {path} not found; {_missing_key_hint(path, old)}."
         ) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot access the key file ({setting}): {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{setting}: cannot access the key file {path}: {exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{path}: the key file ({setting}) is not a regular file.")
+        raise ConfigError(f"{setting}: the key file {path} is not a regular file.")
     if st.st_mode & 0o077:
         raise ConfigError(
-            f"{path}: the key file ({setting}) has mode {stat.S_IMODE(st.st_mode):04o}, so group "
+            f"{setting}: the key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so group "
             f"or others can access it; run `chmod 600 {path}`."
         )
     try:
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the key file ({setting}): {exc}") from None
-    return Key.from_bytes(parse_key(text, str(path)), str(path))
+        raise ConfigError(f"{setting}: cannot read the key file {path}: {exc}") from None
+    return Key.from_bytes(parse_key(text, f"{setting}: {path}"), str(path))
 
 
 def current_key_path(key_file: Path, environ: Mapping[str, str]) -> tuple[Path, str]:
@@ -194,12 +207,20 @@ def current_key_path(key_file: Path, environ: Mapping[str, str]) -> tuple[Path, 
 
 
 def load_keyring(
-    key_file: Path, old_key_files: Sequence[Path], environ: Mapping[str, str] | None = None
+    key_file: Path,
+    old_key_files: Sequence[Path],
+    environ: Mapping[str, str] | None = None,
+    where: Callable[[str], str] = lambda setting: setting,
 ) -> Keyring:
+    """The keyring from the configured files; `where` turns a setting's dotted name into the
+    place it was configured, for error messages."""
     env = os.environ if environ is None else environ
     path, setting = current_key_path(key_file, env)
+    if setting == "encryption.key_file":
+        setting = where(setting)
     current = read_key_file(path, setting)
-    old = [read_key_file(p, "encryption.old_key_files") for p in old_key_files]
+    old_setting = where("encryption.old_key_files")
+    old = [read_key_file(p, old_setting, old=True) for p in old_key_files]
     return Keyring(current, old)
 
 

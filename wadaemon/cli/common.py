@@ -27,7 +27,11 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def keyring_for(config: Config) -> Keyring:
-    return load_keyring(config.encryption.key_file, config.encryption.old_key_files)
+    return load_keyring(
+        config.encryption.key_file,
+        config.encryption.old_key_files,
+        where=lambda setting: config.where(*setting.split(".")),
+    )
 
 
 @dataclass
