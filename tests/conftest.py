@@ -21,6 +21,8 @@ from wadaemon.store import DirectoryStore
 
 WRITER = Path(__file__).with_name("writer.py")
 
+pytest_plugins = ["firestore_emulator"]
+
 
 @pytest.fixture
 def keyring() -> Keyring:
@@ -70,11 +72,16 @@ class Env:
     config: Path
     extra: dict[str, object] = field(default_factory=dict)
 
-    def write_config(self, **backup: object) -> None:
+    @property
+    def socket(self) -> Path:
+        return Path(str(self.extra.get("socket", self.root / "wadaemon.sock")))
+
+    def write_config(self, log_level: str = "info", **backup: object) -> None:
         settings: dict[str, object] = {"debounce_seconds": 0.2, **backup}
         lines = [
+            f"log_level: {log_level}",
             f"sessions_path: {self.sessions}",
-            f"socket_path: {self.root / 'wadaemon.sock'}",
+            f"socket_path: {self.socket}",
             "encryption:",
             f"  key_file: {self.key}",
             "backup:",
@@ -128,15 +135,18 @@ def env(tmp_path: Path) -> Env:
 
 
 class DaemonProcess:
-    def __init__(self, env: Env) -> None:
+    def __init__(self, env: Env, extra_env: dict[str, str] | None = None) -> None:
         self.env = env
         self.log_path = env.root / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115
+        environ = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
+        environ.update(extra_env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wadaemon", "run", "--config", str(env.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=environ,
         )
 
     def log(self) -> str:
@@ -173,8 +183,8 @@ def daemon_factory(env: Env) -> Iterator[type[DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     class Factory(DaemonProcess):
-        def __init__(self, e: Env = env) -> None:
-            super().__init__(e)
+        def __init__(self, e: Env = env, extra_env: dict[str, str] | None = None) -> None:
+            super().__init__(e, extra_env)
             started.append(self)
 
     yield Factory

@@ -224,3 +224,20 @@ def test_second_daemon_on_the_same_sessions_is_refused(
     assert f"pid {first.proc.pid}" in second.log()
     assert first.proc.poll() is None
     assert first.stop() == 0
+
+
+def test_an_idle_session_is_not_backed_up_over_and_over(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    """The snapshot's own open of a database touches its -wal/-shm files; that must not look
+    like a change that starts the next backup, forever."""
+    env.write_config(log_level="debug", debounce_seconds=0.2)
+    make_db(env.sessions / "alice" / "session.db", rows=2000, wal=True)
+    daemon = daemon_factory()
+    daemon.wait_for("ready")
+    wait_until(lambda: env.head_generation("alice") == 1)
+    time.sleep(4)  # past the window in which a fresh fingerprint is not trusted
+    before = daemon.log().count("backup: alice")
+    time.sleep(3)
+    assert daemon.log().count("backup: alice") == before
+    assert daemon.stop() == 0

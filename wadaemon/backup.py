@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from wadaemon.layout import SessionsLayout, has_files
 from wadaemon.replica import CommitResult, Replica
 from wadaemon.snapshot import take_snapshot
+
+# A fingerprint newer than this may miss a later change with the same mtime (timestamps are
+# coarse), so it is not trusted, as git does with "racily clean" entries.
+RACY_NS = 2_000_000_000
+
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -17,16 +25,18 @@ class BackupResult:
     status: str  # created | unchanged | skipped
     seconds: float
     commit: CommitResult | None = None
+    generation: int | None = None
     detail: str = ""
     warnings: tuple[str, ...] = ()
 
     def line(self) -> str:
         c = self.commit
-        if self.status == "skipped" or c is None:
+        if self.status == "skipped":
             return f"{self.account}: skipped: {self.detail}"
-        if self.status == "unchanged":
+        if self.status == "unchanged" or c is None:
             return (
-                f"{self.account}: unchanged since generation {c.generation} ({self.seconds:.2f} s)"
+                f"{self.account}: unchanged since generation {self.generation} "
+                f"({self.seconds:.2f} s)"
             )
         gc = ""
         if c.collected and (c.collected.dropped_generations or c.collected.deleted_pieces):
@@ -41,22 +51,57 @@ class BackupResult:
         )
 
 
+def fingerprint(root: Path) -> tuple[Fingerprint, int]:
+    """(path, size, mtime, inode, mode) of every file under root, and the newest mtime (ns).
+
+    Taken with stat(2) only: the daemon never opens a live database. `-shm` files are left
+    out: they change when a database is merely read (the snapshot worker's own reads included)
+    and hold nothing that is not also in the database and its `-wal`.
+    """
+    entries = []
+    newest = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.endswith("-shm"):
+                continue
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except FileNotFoundError:
+                continue
+            newest = max(newest, st.st_mtime_ns)
+            rel = os.path.relpath(full, root)
+            entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode))
+    return tuple(sorted(entries)), newest
+
+
 class BackupEngine:
     def __init__(self, layout: SessionsLayout, replica: Replica) -> None:
         self.layout = layout
         self.replica = replica
+        # account -> (fingerprint of its directory before its last good backup, generation)
+        self._clean: dict[str, tuple[Fingerprint, int]] = {}
 
-    def backup(self, account: str) -> BackupResult:
+    def backup(self, account: str, *, force: bool = False) -> BackupResult:
         """Back up one account now. Raises WadaemonError (snapshot or store failure) on failure.
 
         A missing or empty account directory is skipped, never committed: an empty generation
-        would hide the last good one.
+        would hide the last good one. Unless `force`, a directory whose files all still have the
+        size, mtime and inode they had before the last good backup is not snapshotted again:
+        the snapshot's own open of a database touches its -wal/-shm files, which would
+        otherwise look like a change and start an endless series of backups.
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
         if not source.is_dir() or not has_files(source):
             state = "missing" if not source.is_dir() else "empty"
             return BackupResult(account, "skipped", 0.0, detail=f"local session is {state}")
+        before, newest = fingerprint(source)
+        clean = self._clean.get(account)
+        if not force and clean is not None and clean[0] == before:
+            return BackupResult(
+                account, "unchanged", time.monotonic() - started, generation=clean[1]
+            )
         staging = self.layout.new_temp_dir("snapshot", account)
         try:
             snapshot = take_snapshot(account, source, staging)
@@ -65,7 +110,15 @@ class BackupEngine:
             commit = self.replica.commit(snapshot)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        status = "created" if commit.created else "unchanged"
+        if time.time_ns() - newest > RACY_NS:
+            self._clean[account] = (before, commit.generation)
+        else:
+            self._clean.pop(account, None)
         return BackupResult(
-            account, status, time.monotonic() - started, commit, warnings=snapshot.warnings
+            account,
+            "created" if commit.created else "unchanged",
+            time.monotonic() - started,
+            commit,
+            generation=commit.generation,
+            warnings=snapshot.warnings,
         )

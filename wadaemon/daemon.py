@@ -1,27 +1,53 @@
-"""The daemon's lifecycle: prepare, restore, watch and back up, shut down with final backups."""
+"""The daemon's lifecycle, in the manner of uvicorn's Server:
+
+lock the sessions directory → open the control socket → restore phase → watcher, periodic
+pass → READY=1 → main loop (heartbeat: watchdog pings gated on health, STATUS) →
+SIGTERM: STOPPING=1, final backups of changed accounts, exit 0.
+SIGHUP: RELOADING=1, reload what can change live, READY=1.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from wadaemon import __version__
 from wadaemon.backup import BackupEngine
 from wadaemon.backup_scheduler import BackupScheduler
-from wadaemon.config import Config
-from wadaemon.errors import WadaemonError
-from wadaemon.keyring import Keyring
+from wadaemon.config import Config, load_config
+from wadaemon.control_socket import ControlServer
+from wadaemon.errors import ConfigError, WadaemonError
+from wadaemon.health import alive, core_checks, report, status_line
+from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout
+from wadaemon.logs import setup_logging
+from wadaemon.metrics import Metrics
+from wadaemon.notify import Notifier
 from wadaemon.replica import Replica
-from wadaemon.restore import RestoreOutcome, Restorer
-from wadaemon.store import open_store
+from wadaemon.restore import RestoreOutcome, Restorer, drill
+from wadaemon.state import DaemonState
+from wadaemon.store import StoreError, open_store
 from wadaemon.watcher import SessionWatcher
 
 log = logging.getLogger("wadaemon")
 
 MAX_CONCURRENT_BACKUPS = 4
+HEARTBEAT_S = 0.5
+STATUS_EVERY_S = 2.0
+RESTORE_RETRY_FIRST_S = 5.0
+RESTORE_RETRY_MAX_S = 300.0
+FAULTS_ENV = "WADAEMON_FAULTS"  # "1" enables POST /debug/hang/{loop,watcher,backup} (tests only)
+
+
+def keyring_for(config: Config) -> Keyring | None:
+    return None if config.backup.target == "none" else load_keyring_for(config)
 
 
 class Daemon:
@@ -38,6 +64,14 @@ class Daemon:
             self.replica = Replica(store, keyring, config.backup.keep_generations)
             self.engine = BackupEngine(self.layout, self.replica)
             self.restorer = Restorer(self.layout, self.replica)
+        target = store.describe() if store else "none"
+        self.state = DaemonState(__version__, target)
+        self.state.store.target = target
+        self.metrics = Metrics(self.state)
+        self.notifier = Notifier()
+        self.faults_enabled = os.environ.get(FAULTS_ENV) == "1"
+        self._backup_gate = threading.Event()
+        self._backup_gate.set()
         self.stop_event = asyncio.Event()
         self._lock_fd: int | None = None
         self._restore_pool = ThreadPoolExecutor(
@@ -45,7 +79,11 @@ class Daemon:
         )
         self._backup_slots = asyncio.Semaphore(MAX_CONCURRENT_BACKUPS)
         self.scheduler = BackupScheduler(self._backup, config.backup.debounce_seconds)
-        self.watcher = SessionWatcher(self.layout, self.scheduler.touch)
+        self.watcher = SessionWatcher(self.layout, self._changed)
+        self.control = ControlServer(config.socket_path, self, faults=self.faults_enabled)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._force: set[str] = set()  # accounts whose next backup must not trust fingerprints
+        self._last_ping_ok = True
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -53,37 +91,55 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
         self._lock_fd = self.layout.lock()
         self.layout.prepare()
-        target = self.replica.store.describe() if self.replica else "none (local sessions only)"
         log.info(
             "wadaemon %s starting: sessions %s, backup target %s",
             __version__,
             self.layout.root,
-            target,
+            self.state.target,
         )
         if self.config.whatsapp.enabled:
             log.warning(
                 "whatsapp.enabled is true, but this version does not run WhatsApp clients yet; "
                 "protecting the session directories only (sidecar mode)"
             )
+        for account in self.layout.local_accounts():
+            self.state.account(account)
+        await self.control.start()
+        try:
+            return await self._serve()
+        finally:
+            await self.control.stop()
+            self._restore_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self) -> int:
+        self._spawn(self._heartbeat(), "heartbeat")
         if self.restorer and self.config.restore.on_boot:
+            self.state.phase = "restoring"
+            self.notifier.status(status_line(self.state))
             await self._restore_phase()
-        tasks: list[asyncio.Task[None]] = []
         if self.engine:
-            tasks.append(asyncio.create_task(self.watcher.run(self.stop_event), name="watcher"))
-            tasks.append(asyncio.create_task(self._periodic(), name="periodic"))
+            self._spawn(self.watcher.run(self.stop_event), "watcher")
+            self._spawn(self._periodic(), "periodic")
             await asyncio.sleep(0.1)  # let the watcher subscribe before the first pass
-            self._pass("startup")
-        log.info("ready: %d accounts", len(self.layout.local_accounts()))
+            self._pass("startup", force=True)
+        else:
+            self.watcher.down_since = None
+        self.state.phase = "running"
+        log.info("ready: %s", status_line(self.state))
+        self.notifier.ready(status_line(self.state))
         await self.stop_event.wait()
+
+        self.state.phase = "stopping"
+        self.notifier.stopping()
+        self.notifier.status(status_line(self.state))
         log.info("stopping: final backups of changed accounts")
-        for task in tasks:
-            if task.get_name() == "periodic":
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await self.scheduler.flush()
-        self._restore_pool.shutdown(wait=False, cancel_futures=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("stopped")
         return 0
 
@@ -92,83 +148,312 @@ class Daemon:
             log.info("received %s", why)
             self.stop_event.set()
 
-    # --- restore phase -----------------------------------------------------------------------
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    # --- heartbeat: loop lag, watchdog, STATUS ---------------------------------------------
+
+    def core(self) -> dict[str, Any]:
+        return core_checks(
+            self.state,
+            watcher_down_since=self.watcher.down_since,
+            watching=self.engine is not None and self.state.phase != "restoring",
+            backup_timeout=self.config.backup.timeout_seconds,
+        )
+
+    async def _heartbeat(self) -> None:
+        interval = self.notifier.watchdog_interval
+        last_ping = last_status = 0.0
+        expected = time.monotonic() + HEARTBEAT_S
+        while True:
+            await asyncio.sleep(max(0.0, expected - time.monotonic()))
+            now = time.monotonic()
+            self.state.loop_lag = max(0.0, now - expected)
+            self.state.last_loop_tick = now
+            expected = now + HEARTBEAT_S
+            if interval is not None and now - last_ping >= interval:
+                checks = self.core()
+                if alive(checks):
+                    self.notifier.watchdog()
+                    last_ping = now
+                    if not self._last_ping_ok:
+                        log.info("watchdog: every core part is alive again; pinging")
+                    self._last_ping_ok = True
+                elif self._last_ping_ok:
+                    self._last_ping_ok = False
+                    failing = "; ".join(
+                        f"{n}: {c.detail}" for n, c in checks.items() if c.status == "failing"
+                    )
+                    log.error("watchdog: not pinging systemd: %s", failing)
+            if now - last_status >= STATUS_EVERY_S:
+                self.notifier.status(status_line(self.state))
+                last_status = now
+
+    # --- reload ------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        self.state.phase = "reloading"
+        self.notifier.reloading()
+        log.info("reloading the configuration from %s", self.config.path)
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path)
+            keyring = await asyncio.to_thread(keyring_for, new)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+        else:
+            self._apply(new, keyring)
+        finally:
+            self.state.phase = "running"
+            self.notifier.ready(status_line(self.state))
+
+    def _apply(self, new: Config, keyring: Keyring | None) -> None:
+        old = self.config
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("sessions_path", old.sessions_path, new.sessions_path),
+                ("socket_path", old.socket_path, new.socket_path),
+                ("backup.target", old.backup.target, new.backup.target),
+                ("backup.directory", old.backup.directory, new.backup.directory),
+                ("whatsapp", old.whatsapp, new.whatsapp),
+            )
+            if a != b
+        ]
+        if needs_restart:
+            log.warning(
+                "reload: %s changed; that takes effect after `systemctl restart wadaemon`",
+                ", ".join(needs_restart),
+            )
+        setup_logging(new.log_level)
+        self.scheduler.debounce = new.backup.debounce_seconds
+        if self.replica is not None and keyring is not None:
+            self.replica.keep_generations = new.backup.keep_generations
+            if keyring.current.key_id != self.replica.keyring.current.key_id:
+                log.info("reload: new encryption key %s", keyring.current.key_id)
+            self.replica.keyring = keyring
+        self.config = new
+        log.info("reload: done")
+
+    # --- restore -----------------------------------------------------------------------------
 
     async def _restore_phase(self) -> None:
-        assert self.restorer is not None and self.replica is not None
+        assert self.replica is not None
         accounts = set(self.layout.local_accounts())
         try:
-            accounts.update(self.replica.store.list_accounts())
-        except WadaemonError as exc:
-            log.error("cannot list the backed-up accounts (%s); checking local ones only", exc)
+            accounts.update(await asyncio.to_thread(self.replica.store.list_accounts))
+        except (WadaemonError, OSError) as exc:
+            self._store_failed(exc)
+            log.error("restore: cannot list the backed-up accounts (%s); checking local ones", exc)
         if not accounts:
             log.info("restore: no accounts, locally or in the backup")
             return
-        loop = asyncio.get_running_loop()
-        futures = {
-            loop.run_in_executor(self._restore_pool, self.restorer.restore_account, a): a
-            for a in sorted(accounts)
-        }
-        for fut in futures:
-            fut.add_done_callback(self._log_restore)
+        first_attempts = {a: asyncio.get_running_loop().create_future() for a in accounts}
+        for account in sorted(accounts):
+            self.state.account(account).state = "restoring"
+            self._spawn(self._restore_until_done(account, first_attempts[account]), "restore")
         timeout = self.config.restore.timeout_seconds
-        done, pending = await asyncio.wait(futures, timeout=timeout)
-        restored = sum(1 for f in done if not f.exception() and f.result().status == "restored")
-        failed = sum(1 for f in done if f.exception() or not f.result().ok)
+        done, pending = await asyncio.wait(first_attempts.values(), timeout=timeout)
         if pending:
+            still = sorted(a for a, f in first_attempts.items() if not f.done())
             log.warning(
-                "restore: %d accounts still restoring after %.0f s (restore.timeout_seconds); "
-                "continuing, they finish in the background: %s",
-                len(pending),
+                "restore: %d accounts not restored after %.0f s (restore.timeout_seconds); "
+                "starting anyway, they keep being retried: %s",
+                len(still),
                 timeout,
-                ", ".join(sorted(futures[f] for f in pending)),
+                ", ".join(still),
             )
+        outcomes = [f.result() for f in done]
+        restored = sum(1 for o in outcomes if o.status == "restored")
+        failed = sum(1 for o in outcomes if not o.ok)
         log.info(
-            "restore: %d accounts checked, %d restored, %d failed", len(done), restored, failed
+            "restore: %d accounts checked, %d restored, %d failed (retrying in the background)"
+            if failed
+            else "restore: %d accounts checked, %d restored, %d failed",
+            len(done),
+            restored,
+            failed,
         )
 
-    @staticmethod
-    def _log_restore(fut: asyncio.Future[RestoreOutcome]) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is not None:
-            log.error("restore failed unexpectedly: %r", exc)
-            return
-        outcome = fut.result()
-        level = logging.INFO if outcome.ok else logging.ERROR
-        log.log(level, "restore: %s", outcome.line())
+    async def _restore_until_done(
+        self, account: str, first: asyncio.Future[RestoreOutcome]
+    ) -> None:
+        assert self.restorer is not None
+        delay = RESTORE_RETRY_FIRST_S
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                outcome = await loop.run_in_executor(
+                    self._restore_pool, self.restorer.restore_account, account
+                )
+            except Exception as exc:  # a bug, not an expected failure: report it, keep going
+                log.exception("%s: restore failed unexpectedly", account)
+                outcome = RestoreOutcome(account, "failed", detail=repr(exc))
+            self._record_restore(outcome)
+            if not first.done():
+                first.set_result(outcome)
+            if outcome.ok or self.stop_event.is_set():
+                return
+            wait = delay * random.uniform(0.5, 1.0)
+            log.warning("%s: retrying the restore in %.0f s", account, wait)
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), wait)
+                return
+            except asyncio.TimeoutError:
+                delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+
+    def _record_restore(self, outcome: RestoreOutcome) -> None:
+        st = self.state.account(outcome.account)
+        st.last_restore = outcome.line()
+        st.last_restore_at = time.time()
+        if outcome.status == "restored":
+            self.metrics.restores.labels("restored").inc()
+        elif not outcome.ok:
+            self.metrics.restores.labels("failed").inc()
+        if outcome.ok:
+            exists = self.layout.account_dir(outcome.account).is_dir()
+            st.state = "protected" if exists else "missing"
+            log.info("restore: %s", outcome.line())
+        else:
+            st.state = "restore_failed"
+            log.error("restore: %s", outcome.line())
 
     # --- backups -----------------------------------------------------------------------------
 
-    def _pass(self, why: str) -> None:
+    def _changed(self, account: str) -> None:
+        st = self.state.account(account)
+        if st.pending_since is None:
+            st.pending_since = time.monotonic()
+        if st.state == "missing":
+            st.state = "protected"
+        self.scheduler.touch(account)
+
+    def _pass(self, why: str, *, force: bool = False) -> None:
         accounts = self.layout.local_accounts()
         log.debug("%s pass over %d accounts", why, len(accounts))
         for account in accounts:
-            self.scheduler.touch(account)
+            if force:
+                self._force.add(account)
+            self._changed(account)
 
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(self.config.backup.interval_seconds)
-            self._pass("periodic")
+            self._pass("periodic", force=True)
+
+    def _store_failed(self, exc: BaseException) -> None:
+        store = self.state.store
+        if store.reachable:
+            log.error("backup store %s unreachable: %s", store.target, exc)
+        store.reachable = False
+        store.last_error = str(exc)
+        store.last_error_at = time.time()
+        self.metrics.store_errors.inc()
+
+    def _store_ok(self) -> None:
+        store = self.state.store
+        if not store.reachable:
+            log.info("backup store %s reachable again", store.target)
+        store.reachable = True
+        store.last_ok_at = time.time()
+
+    def _backup_in_thread(self, account: str, force: bool) -> Any:
+        assert self.engine is not None
+        self._backup_gate.wait()  # closed only by fault injection in tests
+        return self.engine.backup(account, force=force)
 
     async def _backup(self, account: str) -> bool:
         assert self.engine is not None
+        st = self.state.account(account)
+        force = account in self._force
+        self._force.discard(account)
         async with self._backup_slots:
+            covered, st.pending_since = st.pending_since, None
+            st.backup_started = time.monotonic()
             try:
-                result = await asyncio.to_thread(self.engine.backup, account)
+                result = await asyncio.to_thread(self._backup_in_thread, account, force)
             except (WadaemonError, OSError) as exc:
+                if isinstance(exc, StoreError):
+                    self._store_failed(exc)
+                st.pending_since = min(filter(None, (covered, st.pending_since)), default=None)
+                st.consecutive_failures += 1
+                st.last_error = str(exc)
+                st.last_backup_result = "failed"
+                self.metrics.backups.labels(account, "failed").inc()
                 log.error("%s: backup failed: %s", account, exc)
                 return False
-            except Exception:
-                log.exception("%s: backup failed unexpectedly", account)
-                return False
+            finally:
+                if st.backup_started is not None:
+                    self.metrics.backup_seconds.observe(time.monotonic() - st.backup_started)
+                st.backup_started = None
         for warning in result.warnings:
             log.warning("%s: %s", account, warning)
-        if result.status == "created":
-            log.info("backup: %s", result.line())
-        elif result.status == "skipped":
+        self.metrics.backups.labels(account, result.status).inc()
+        st.last_backup_result = result.status
+        if result.status == "skipped":
+            st.pending_since = None
+            if not self.layout.account_dir(account).is_dir():
+                st.state = "missing"
             log.warning("backup: %s", result.line())
+            return True
+        self._store_ok()
+        st.consecutive_failures = 0
+        st.last_error = ""
+        st.last_backup_at = time.time()
+        st.last_backup_generation = result.generation
+        if result.commit is not None and result.commit.created:
+            self.metrics.uploaded_bytes.inc(result.commit.uploaded_bytes)
+            log.info("backup: %s", result.line())
         else:
             log.debug("backup: %s", result.line())
         return True
+
+    # --- control socket API (ControlApi) -----------------------------------------------------
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return report(self.state, self.core())
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def accounts(self) -> list[dict[str, Any]]:
+        _, body = self.health()
+        return [{"account": name, **info} for name, info in body["accounts"].items()]
+
+    async def backup_now(self, account: str) -> dict[str, Any]:
+        if self.engine is None:
+            raise WadaemonError("backup.target is none: there is nowhere to back up to")
+        if not self.layout.account_dir(account).is_dir():
+            raise WadaemonError(f"{account}: no such account under {self.layout.root}")
+        self._force.add(account)
+        ok = await self._backup(account)
+        st = self.state.account(account)
+        return {
+            "account": account,
+            "ok": ok,
+            "result": st.last_backup_result,
+            "generation": st.last_backup_generation,
+            "error": st.last_error or None,
+        }
+
+    async def verify(self, account: str) -> dict[str, Any]:
+        if self.replica is None:
+            return {"account": account, "ok": False, "error": "backup.target is none"}
+        result = await asyncio.to_thread(drill, self.replica, account)
+        if not result.ok:
+            log.error("verify: %s: %s", account, result.error)
+        return result.as_dict()
+
+    async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if part == "loop":
+            loop.call_later(0.1, time.sleep, seconds)
+        elif part == "watcher":
+            self.watcher.suspend(seconds)
+        elif part == "backup":
+            self._backup_gate.clear()
+            loop.call_later(seconds, self._backup_gate.set)
+            self._pass("fault", force=True)
+        else:
+            return {"error": f"unknown part {part!r}: loop, watcher or backup"}
+        log.warning("fault injected: %s hangs for %.0f s", part, seconds)
+        return {"part": part, "seconds": seconds}

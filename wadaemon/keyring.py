@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from wadaemon.config import Config
 from wadaemon.errors import ConfigError, DecryptError, WadaemonError
 
 MAGIC = b"WAD1"
@@ -222,6 +223,15 @@ def load_keyring(
     old_setting = where("encryption.old_key_files")
     old = [read_key_file(p, old_setting, old=True) for p in old_key_files]
     return Keyring(current, old)
+
+
+def load_keyring_for(config: Config) -> Keyring:
+    """The keyring a configuration names; errors point at the configuration's lines."""
+    return load_keyring(
+        config.encryption.key_file,
+        config.encryption.old_key_files,
+        where=lambda setting: config.where(*setting.split(".")),
+    )
 
 
 def write_new_key(path: Path) -> Key:

@@ -12,6 +12,8 @@ import errno
 import logging
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,26 +75,63 @@ def inspect_local(path: Path) -> LocalState:
     return LocalState("corrupt", report.describe_corruption())
 
 
+def build_generation(replica: Replica, account: str, generation: int, dest: Path) -> Manifest:
+    """Rebuild one generation into the new directory `dest` and verify it completely."""
+    manifest = replica.load_manifest(account, generation)
+    dest.mkdir(mode=0o700)
+    for entry in manifest.files:
+        target = dest / entry.path
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        replica.write_file(account, entry, target)
+    fsync_tree(dest)
+    report = check_directory(dest, private_copy=True)
+    if not report.healthy:
+        raise IntegrityError(f"restored copy fails integrity_check: {report.describe_corruption()}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    account: str
+    generation: int | None
+    is_head: bool
+    ok: bool
+    files: int = 0
+    size: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def drill(replica: Replica, account: str, generation: int | None = None) -> DrillResult:
+    """A restore drill: rebuild a generation (the head by default) in a temporary directory and
+    check it completely. Touches nothing local."""
+    started = time.monotonic()
+    try:
+        head = replica.store.read_head(account)
+    except (WadaemonError, OSError) as exc:
+        return DrillResult(account, generation, False, False, error=str(exc))
+    if head is None:
+        return DrillResult(account, None, False, False, error="no backup of this account")
+    g = head.generation if generation is None else generation
+    is_head = g == head.generation
+    with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
+        try:
+            m = build_generation(replica, account, g, Path(tmp) / account)
+        except (WadaemonError, OSError) as exc:
+            return DrillResult(account, g, is_head, False, error=str(exc))
+    return DrillResult(account, g, is_head, True, len(m.files), m.size, time.monotonic() - started)
+
+
 class Restorer:
     def __init__(self, layout: SessionsLayout, replica: Replica) -> None:
         self.layout = layout
         self.replica = replica
 
     def build(self, account: str, generation: int, dest: Path) -> Manifest:
-        """Rebuild one generation into the new directory `dest` and verify it."""
-        manifest = self.replica.load_manifest(account, generation)
-        dest.mkdir(mode=0o700)
-        for entry in manifest.files:
-            target = dest / entry.path
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.replica.write_file(account, entry, target)
-        fsync_tree(dest)
-        report = check_directory(dest, private_copy=True)
-        if not report.healthy:
-            raise IntegrityError(
-                f"restored copy fails integrity_check: {report.describe_corruption()}"
-            )
-        return manifest
+        return build_generation(self.replica, account, generation, dest)
 
     def build_newest(
         self, account: str, staging: Path, generation: int | None = None

@@ -7,10 +7,19 @@ import logging
 import sys
 
 from wadaemon import __version__
-from wadaemon.cli import backup, check_config, generations, keygen, restore, run, verify
+from wadaemon.cli import (
+    backup,
+    check_config,
+    generations,
+    keygen,
+    restore,
+    run,
+    status,
+    verify,
+)
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 
-COMMANDS = (run, check_config, keygen, backup, restore, generations, verify)
+COMMANDS = (run, status, check_config, keygen, backup, restore, generations, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from wadaemon.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, Config, config_path_from, load_config
 from wadaemon.errors import WadaemonError
-from wadaemon.keyring import Keyring, load_keyring
+from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout, validate_account_id
 from wadaemon.replica import Replica
 from wadaemon.store import open_store
@@ -27,11 +27,7 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def keyring_for(config: Config) -> Keyring:
-    return load_keyring(
-        config.encryption.key_file,
-        config.encryption.old_key_files,
-        where=lambda setting: config.where(*setting.split(".")),
-    )
+    return load_keyring_for(config)
 
 
 @dataclass

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 from wadaemon.cli.common import accounts_arg, add_config_option, human_size, open_replica
-from wadaemon.errors import WadaemonError
-from wadaemon.layout import SessionsLayout
-from wadaemon.restore import Restorer
+from wadaemon.restore import drill
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,31 +31,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"no backups in {ctx.replica.store.describe()}")
         return 0
     failed = 0
-    with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
-        restorer = Restorer(SessionsLayout(Path(tmp)), ctx.replica)
-        for account in accounts:
-            head = ctx.replica.store.read_head(account)
-            if head is None:
-                print(f"{account}: FAILED: no backup", file=sys.stderr)
+    for account in accounts:
+        generations: list[int | None] = [None]
+        if args.all_generations:
+            generations = [i.generation for i in ctx.replica.generations(account)] or [None]
+        for g in generations:
+            r = drill(ctx.replica, account, g)
+            label = f"generation {r.generation}" if r.generation is not None else "no generation"
+            if not r.ok:
                 failed += 1
+                print(f"{account}: {label}: FAILED: {r.error}", file=sys.stderr)
                 continue
-            gens = [head.generation]
-            if args.all_generations:
-                gens = [i.generation for i in ctx.replica.generations(account)]
-            for g in gens:
-                started = time.monotonic()
-                dest = Path(tmp) / f"{account}-{g}"
-                try:
-                    m = restorer.build(account, g, dest)
-                except (WadaemonError, OSError) as exc:
-                    failed += 1
-                    print(f"{account}: generation {g}: FAILED: {exc}", file=sys.stderr)
-                    continue
-                finally:
-                    shutil.rmtree(dest, ignore_errors=True)
-                head_mark = " (head)" if g == head.generation else ""
-                print(
-                    f"{account}: generation {g}{head_mark}: ok, {len(m.files)} files, "
-                    f"{human_size(m.size)}, {time.monotonic() - started:.2f} s"
-                )
+            head_mark = " (head)" if r.is_head else ""
+            print(
+                f"{account}: {label}{head_mark}: ok, {r.files} files, "
+                f"{human_size(r.size)}, {r.seconds:.2f} s"
+            )
     return 1 if failed else 0

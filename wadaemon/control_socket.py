@@ -1,0 +1,250 @@
+"""Health, metrics and control over HTTP/1.1 on a UNIX socket (aiohttp).
+
+    GET  /health                   anyone who can open the socket (mode 0660)
+    GET  /metrics                  anyone who can open the socket
+    GET  /accounts                 root, the daemon's user, members of the daemon's group
+    POST /accounts/{id}/backup     same
+    POST /accounts/{id}/verify     same
+The socket file is created under a temporary name, given mode 0660, then renamed into place, so
+it is never reachable with looser permissions. A stale socket left by a crash is replaced; a live
+one (another daemon) is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from wadaemon.errors import WadaemonError
+from wadaemon.layout import InvalidAccountId, validate_account_id
+
+log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o660
+MAX_HEADER_BYTES = 8190
+KEEPALIVE_S = 5.0
+
+
+class ControlApi(Protocol):
+    def health(self) -> tuple[int, dict[str, Any]]: ...
+
+    def metrics_text(self) -> bytes: ...
+
+    def accounts(self) -> list[dict[str, Any]]: ...
+
+    async def backup_now(self, account: str) -> dict[str, Any]: ...
+
+    async def verify(self, account: str) -> dict[str, Any]: ...
+
+    async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]: ...
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end of the socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _groups_of(pid: int, gid: int) -> set[int]:
+    groups = {gid}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    return groups
+
+
+def is_privileged(creds: tuple[int, int, int] | None) -> bool:
+    """Root, the daemon's own user, or a member of the daemon's group."""
+    if creds is None:
+        return False
+    pid, uid, gid = creds
+    if uid in (0, os.getuid()):
+        return True
+    return os.getgid() in _groups_of(pid, gid)
+
+
+def _json(status: int, body: Any) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(body, indent=2) + "\n", content_type="application/json"
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ControlServer:
+    def __init__(self, path: Path, api: ControlApi, *, faults: bool = False) -> None:
+        self.path = path
+        self.api = api
+        self.faults = faults
+        self._runner: web.AppRunner | None = None
+        self._inode: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/accounts", self._privileged(self._accounts))
+        app.router.add_post("/accounts/{account}/backup", self._privileged(self._backup))
+        app.router.add_post("/accounts/{account}/verify", self._privileged(self._verify))
+        if self.faults:
+            app.router.add_post("/debug/hang/{part}", self._privileged(self._hang))
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _json(exc.status, {"error": str(exc)})
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _json(exc.status, {"error": exc.reason})
+            raise
+
+    def _privileged(self, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            creds = peer_credentials(request)
+            if not is_privileged(creds):
+                uid = creds[1] if creds else "unknown"
+                log.warning(
+                    "control socket: denied %s %s to uid %s", request.method, request.path, uid
+                )
+                raise ApiError(
+                    403,
+                    "permission denied: control needs root or membership of the daemon's group "
+                    "(add the user to it, e.g. `adduser USER wadaemon`)",
+                )
+            return await handler(request)
+
+        return guarded
+
+    async def _health(self, request: web.Request) -> web.Response:
+        status, body = self.api.health()
+        return _json(status, body)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.api.metrics_text(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    async def _accounts(self, request: web.Request) -> web.Response:
+        return _json(200, {"accounts": self.api.accounts()})
+
+    @staticmethod
+    def _account(request: web.Request) -> str:
+        try:
+            return validate_account_id(request.match_info["account"])
+        except InvalidAccountId as exc:
+            raise ApiError(400, str(exc)) from None
+
+    async def _backup(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        try:
+            return _json(200, await self.api.backup_now(account))
+        except WadaemonError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    async def _verify(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        result = await self.api.verify(account)
+        return _json(200 if result.get("ok") else 500, result)
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        try:
+            seconds = float(request.query.get("seconds", "3600"))
+        except ValueError:
+            raise ApiError(400, "seconds must be a number") from None
+        return _json(200, await self.api.inject_fault(request.match_info["part"], seconds))
+
+    # --- socket lifecycle ------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        path = self.path
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WadaemonError(
+                f"{path.parent}: cannot create the socket directory: {exc.strerror}"
+            ) from None
+        if path.exists() or path.is_symlink():
+            if not path.is_socket():
+                raise WadaemonError(
+                    f"{path} exists and is not a socket; remove it or set another socket_path"
+                )
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                    raise WadaemonError(
+                        f"{path}: cannot check the existing socket: {exc}"
+                    ) from None
+                log.info("replacing the stale socket %s", path)
+            else:
+                raise WadaemonError(
+                    f"{path} is in use by another running daemon; stop it or set another "
+                    "socket_path"
+                )
+            finally:
+                probe.close()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, SOCKET_MODE)
+            os.rename(tmp, path)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            tmp.unlink(missing_ok=True)
+            raise WadaemonError(f"{path}: cannot listen on the socket: {exc.strerror}") from None
+        sock.setblocking(False)
+        self._inode = path.stat().st_ino
+        return sock
+
+    async def start(self) -> None:
+        sock = self._bind()
+        runner = web.AppRunner(
+            self._app(),
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_S,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+        )
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        self._runner = runner
+        log.info("control socket listening on %s", self.path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(OSError):
+            if self.path.stat().st_ino == self._inode:
+                self.path.unlink()

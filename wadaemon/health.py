@@ -1,0 +1,166 @@
+"""Health: is every core part alive (the watchdog's question), and how is everything (/health).
+
+Core parts are the event loop, the watcher and the backup engine. A backup store that cannot be
+reached makes the daemon `degraded`, never `failing`: restarting would not bring Firestore back,
+and the local sessions keep working meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from wadaemon.state import DaemonState
+
+LOOP_LAG_FAILING_S = 10.0
+WATCHER_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # ok | degraded | failing
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"status": self.status, "detail": self.detail}
+
+
+def _worst(statuses: list[str]) -> str:
+    for level in ("failing", "degraded"):
+        if level in statuses:
+            return level
+    return "ok"
+
+
+def core_checks(
+    state: DaemonState,
+    *,
+    watcher_down_since: float | None,
+    watching: bool,
+    backup_timeout: float,
+    now: float | None = None,
+) -> dict[str, Check]:
+    """The checks that gate the watchdog. `now` is time.monotonic()."""
+    mono = time.monotonic() if now is None else now
+    checks: dict[str, Check] = {}
+    lag = state.loop_lag
+    checks["event_loop"] = Check(
+        "failing" if lag > LOOP_LAG_FAILING_S else "ok", f"heartbeat lag {lag:.3f} s"
+    )
+    if not watching:
+        checks["watcher"] = Check("ok", "not needed (backup target none)")
+    elif watcher_down_since is None:
+        checks["watcher"] = Check("ok", "watching")
+    else:
+        down = mono - watcher_down_since
+        status = "failing" if down > WATCHER_GRACE_S else "degraded"
+        checks["watcher"] = Check(status, f"not watching for {down:.0f} s")
+    stuck = [
+        f"{a.account} ({mono - a.backup_started:.0f} s)"
+        for a in state.accounts.values()
+        if a.backup_started is not None and mono - a.backup_started > backup_timeout
+    ]
+    checks["backup_engine"] = Check(
+        "failing" if stuck else "ok",
+        f"stuck beyond {backup_timeout:.0f} s: {', '.join(stuck)}" if stuck else "no backup stuck",
+    )
+    return checks
+
+
+def alive(checks: dict[str, Check]) -> bool:
+    return all(c.status != "failing" for c in checks.values())
+
+
+def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) for GET /health."""
+    now = time.time()
+    mono = time.monotonic()
+    checks = dict(core)
+    store = state.store
+    if store.target == "none":
+        checks["store"] = Check("ok", "no backup target (local sessions only)")
+    elif store.reachable:
+        checks["store"] = Check("ok", f"{store.target} reachable")
+    else:
+        since = f" since {_ago(now, store.last_error_at)}" if store.last_error_at else ""
+        checks["store"] = Check(
+            "degraded", f"{store.target} unreachable{since}: {store.last_error}"
+        )
+    failing_accounts = sorted(
+        a.account
+        for a in state.accounts.values()
+        if a.state == "restore_failed" or a.consecutive_failures > 0
+    )
+    checks["accounts"] = Check(
+        "degraded" if failing_accounts else "ok",
+        "problems: " + ", ".join(failing_accounts) if failing_accounts else "all protected",
+    )
+    overall = _worst([c.status for c in checks.values()])
+    accounts: dict[str, Any] = {}
+    for a in sorted(state.accounts.values(), key=lambda a: a.account):
+        accounts[a.account] = {
+            "state": a.state,
+            "last_backup_at": _iso(a.last_backup_at),
+            "seconds_since_last_backup": round(now - a.last_backup_at, 3)
+            if a.last_backup_at
+            else None,
+            "generation": a.last_backup_generation,
+            "last_backup_result": a.last_backup_result or None,
+            "backup_running_seconds": round(mono - a.backup_started, 3)
+            if a.backup_started is not None
+            else None,
+            "pending_since_seconds": round(mono - a.pending_since, 3)
+            if a.pending_since is not None
+            else None,
+            "consecutive_failures": a.consecutive_failures,
+            "last_error": a.last_error or None,
+            "last_restore": a.last_restore or None,
+            "last_restore_at": _iso(a.last_restore_at),
+        }
+    body: dict[str, Any] = {
+        "status": overall,
+        "phase": state.phase,
+        "version": state.version,
+        "uptime_seconds": round(now - state.started_at, 3),
+        "checks": {name: c.as_dict() for name, c in checks.items()},
+        "accounts_by_state": dict(Counter(a.state for a in state.accounts.values())),
+        "accounts": accounts,
+    }
+    return (503 if overall == "failing" else 200), body
+
+
+def status_line(state: DaemonState) -> str:
+    """The one-line STATUS for `systemctl status`."""
+    now = time.time()
+    n = len(state.accounts)
+    counts = Counter(a.state for a in state.accounts.values())
+    parts = ", ".join(f"{c} {s.replace('_', ' ')}" for s, c in sorted(counts.items()))
+    line = f"{n} account{'s' if n != 1 else ''}" + (f": {parts}" if parts else "")
+    last = state.last_backup_at()
+    if state.store.target != "none":
+        line += f" · last backup {_ago(now, last) if last else 'never'}"
+        line += " · store " + ("ok" if state.store.reachable else "unreachable")
+    else:
+        line += " · backups off"
+    if state.phase not in ("running",):
+        line = f"{state.phase} · " + line
+    return line
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    s = max(0, int(now - then))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
+
+
+def _iso(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

@@ -1,0 +1,54 @@
+"""A small HTTP client for the daemon's UNIX socket (http.client from the standard library)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from wadaemon.errors import WadaemonError
+
+EXIT_NOT_RUNNING = 3  # as LSB `status` uses for "program is not running"
+
+
+class NotRunning(WadaemonError):
+    exit_code = EXIT_NOT_RUNNING
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+def request(path: Path, method: str, url: str, timeout: float = 30.0) -> tuple[int, Any]:
+    """(HTTP status, decoded JSON or text) from the daemon; NotRunning if nobody answers."""
+    conn = _UnixConnection(path, timeout)
+    try:
+        conn.request(method, url)
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NotRunning(
+            f"the daemon is not running (nothing listens on {path}); start it with "
+            "`systemctl start wadaemon`"
+        ) from None
+    except PermissionError:
+        raise WadaemonError(
+            f"{path}: permission denied; run as root or as a member of the daemon's group"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise WadaemonError(f"{path}: no valid answer from the daemon: {exc}") from None
+    finally:
+        conn.close()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        return response.status, json.loads(body)
+    return response.status, body

@@ -1,0 +1,52 @@
+"""What the daemon knows about itself and its accounts, as the health socket, the metrics, the
+STATUS line and the watchdog see it. Only the event loop writes it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AccountState:
+    account: str
+    state: str = "protected"  # protected | restoring | restore_failed | missing
+    last_backup_at: float | None = None  # wall clock, last successful backup (or unchanged)
+    last_backup_generation: int | None = None
+    last_backup_result: str = ""  # created | unchanged | skipped | failed
+    last_error: str = ""
+    consecutive_failures: int = 0
+    backup_started: float | None = None  # monotonic, while a backup runs
+    pending_since: float | None = None  # monotonic, oldest change no backup has covered yet
+    last_restore: str = ""  # one line: the boot restore outcome
+    last_restore_at: float | None = None
+
+
+@dataclass
+class StoreState:
+    target: str
+    reachable: bool = True
+    last_error: str = ""
+    last_error_at: float | None = None
+    last_ok_at: float | None = None
+
+
+@dataclass
+class DaemonState:
+    version: str
+    target: str
+    started_at: float = field(default_factory=time.time)
+    phase: str = "starting"  # starting | restoring | running | reloading | stopping
+    accounts: dict[str, AccountState] = field(default_factory=dict)
+    store: StoreState = field(default_factory=lambda: StoreState("none"))
+    loop_lag: float = 0.0
+    last_loop_tick: float = field(default_factory=time.monotonic)
+
+    def account(self, name: str) -> AccountState:
+        if name not in self.accounts:
+            self.accounts[name] = AccountState(name)
+        return self.accounts[name]
+
+    def last_backup_at(self) -> float | None:
+        times = [a.last_backup_at for a in self.accounts.values() if a.last_backup_at]
+        return max(times) if times else None
