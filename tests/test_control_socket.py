@@ -144,6 +144,7 @@ def test_garbage_oversized_slow_and_many_clients_never_stall_it(
     (env.sessions / "alice" / "creds.json").write_text("{}")
     wait_until(lambda: env.head_generation("alice") == 2)
     assert running.proc.poll() is None
+    assert "Traceback" not in running.log() and "ERROR" not in running.log()
 
 
 def test_stale_socket_is_replaced_and_a_foreign_file_refused(

@@ -55,6 +55,24 @@ class ApiError(Exception):
         self.status = status
 
 
+class _BadRequestsAtDebug(logging.Filter):
+    """aiohttp logs a malformed request as an ERROR with a traceback; a client that sends
+    garbage must not be able to fill the journal, so such lines become one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        reason = record.exc_info[1] if record.exc_info else None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = "control socket: bad request: %s", (reason,)
+        record.exc_info = record.exc_text = None
+        return log.isEnabledFor(logging.DEBUG)
+
+
+_http_log = logging.getLogger("wadaemon.http")
+_http_log.addFilter(_BadRequestsAtDebug())
+
+
 def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
     """(pid, uid, gid) of the process at the other end of the socket."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
@@ -232,6 +250,7 @@ class ControlServer:
             self._app(),
             handle_signals=False,
             access_log=None,
+            logger=_http_log,
             keepalive_timeout=KEEPALIVE_S,
             max_line_size=MAX_HEADER_BYTES,
             max_field_size=MAX_HEADER_BYTES,

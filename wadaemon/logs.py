@@ -14,7 +14,7 @@ _PRIORITY = {
     logging.INFO: "<6>",
     logging.DEBUG: "<7>",
 }
-_QUIET_LOGGERS = ("watchfiles", "asyncio", "urllib3", "google", "grpc")
+_QUIET_LOGGERS = ("watchfiles", "asyncio", "urllib3", "google", "grpc", "aiohttp")
 
 
 class JournalFormatter(logging.Formatter):
