@@ -76,7 +76,9 @@ class Env:
     def socket(self) -> Path:
         return Path(str(self.extra.get("socket", self.root / "wadaemon.sock")))
 
-    def write_config(self, log_level: str = "info", **backup: object) -> None:
+    def write_config(
+        self, log_level: str = "info", restore_timeout: float = 60, **backup: object
+    ) -> None:
         settings: dict[str, object] = {"debounce_seconds": 0.2, **backup}
         lines = [
             f"log_level: {log_level}",
@@ -89,7 +91,7 @@ class Env:
             f"  directory: {self.backups}",
             *(f"  {k}: {v}" for k, v in settings.items()),
             "restore:",
-            "  timeout_seconds: 60",
+            f"  timeout_seconds: {restore_timeout}",
             "whatsapp:",
             "  enabled: false",
         ]

@@ -241,3 +241,39 @@ def test_an_idle_session_is_not_backed_up_over_and_over(
     time.sleep(3)
     assert daemon.log().count("backup: alice") == before
     assert daemon.stop() == 0
+
+
+def test_store_outage_at_boot_and_recovery(env: Env, daemon_factory: type[DaemonProcess]) -> None:
+    """The store is down at start: local sessions go ahead, READY does not wait past the restore
+    timeout, the outage is visible; when the store is back, everything catches up."""
+    env.write_config(restore_timeout=3)
+    make_db(env.sessions / "alice" / "session.db", rows=50)
+    env.cli("backup", "alice", check=True)
+    shutil.rmtree(env.sessions / "alice")  # alice needs a restore
+    bob = env.sessions / "bob" / "creds.json"  # bob is healthy and never backed up
+    bob.parent.mkdir(parents=True)
+    bob.write_text('{"bob": 1}')
+    real = env.root / "backups.real"
+    env.backups.rename(real)
+    env.backups.write_text("the backup volume is not mounted")  # every store call fails
+
+    daemon = daemon_factory()
+    started = time.monotonic()
+    daemon.wait_for("ready", timeout=30)
+    assert time.monotonic() - started < 15
+    assert "cannot list the backed-up accounts" in daemon.log()
+    status = json.loads(env.cli("status", "--json").stdout)
+    assert status["status"] == "degraded"
+    assert status["checks"]["store"]["status"] == "degraded"
+    wait_until(lambda: "bob: backup failed" in daemon.log(), timeout=20)
+    assert bob.read_text() == '{"bob": 1}'  # the local session is untouched and keeps working
+    assert not (env.sessions / "alice").exists()
+
+    env.backups.unlink()
+    real.rename(env.backups)
+    wait_until(lambda: (env.sessions / "alice" / "session.db").exists(), timeout=60)
+    wait_until(lambda: env.head_generation("bob") == 1, timeout=60)
+    wait_until(lambda: json.loads(env.cli("status", "--json").stdout)["status"] == "ok", 30)
+    assert "reachable again" in daemon.log()
+    assert read_ids(env.sessions / "alice" / "session.db") == list(range(1, 51))
+    assert daemon.stop() == 0

@@ -31,6 +31,7 @@ class _Account:
     last_change: float = 0.0
     running: bool = False
     failures: int = 0
+    retry_now: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -106,9 +107,17 @@ class BackupScheduler:
 
     async def _sleep_retry(self, st: _Account, seconds: float) -> None:
         end = time.monotonic() + seconds
-        while not self._flushing and time.monotonic() < end:
+        st.retry_now = False
+        while not self._flushing and not st.retry_now and time.monotonic() < end:
             await self._sleep_unless_woken(st, end - time.monotonic())
         st.first_change = st.last_change = time.monotonic() - self.debounce * MAX_DELAY_FACTOR
+
+    def retry_now(self) -> None:
+        """End every retry wait at once (the store that failed answers again)."""
+        for st in self._accounts.values():
+            if st.failures:
+                st.retry_now = True
+                st.wake.set()
 
     async def flush(self) -> None:
         """Back up every changed account now (no debounce), once, and wait for all backups."""

@@ -41,6 +41,8 @@ log = logging.getLogger("wadaemon")
 MAX_CONCURRENT_BACKUPS = 4
 HEARTBEAT_S = 0.5
 STATUS_EVERY_S = 2.0
+STORE_PROBE_EVERY_S = 10.0
+OUTAGE_LOG_EVERY_S = 60.0
 RESTORE_RETRY_FIRST_S = 5.0
 RESTORE_RETRY_MAX_S = 300.0
 FAULTS_ENV = "WADAEMON_FAULTS"  # "1" enables POST /debug/hang/{loop,watcher,backup} (tests only)
@@ -83,6 +85,9 @@ class Daemon:
         self.control = ControlServer(config.socket_path, self, faults=self.faults_enabled)
         self._tasks: list[asyncio.Task[Any]] = []
         self._force: set[str] = set()  # accounts whose next backup must not trust fingerprints
+        self._first_restores: dict[str, asyncio.Future[RestoreOutcome]] = {}
+        self._store_back = asyncio.Event()  # set (and replaced) when the store answers again
+        self._probe: asyncio.Task[None] | None = None
         self._last_ping_ok = True
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -164,6 +169,7 @@ class Daemon:
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
+        last_outage_log = last_probe = time.monotonic()
         expected = time.monotonic() + HEARTBEAT_S
         while True:
             await asyncio.sleep(max(0.0, expected - time.monotonic()))
@@ -188,6 +194,41 @@ class Daemon:
             if now - last_status >= STATUS_EVERY_S:
                 self.notifier.status(status_line(self.state))
                 last_status = now
+            if not self.state.store.reachable:
+                if now - last_outage_log >= OUTAGE_LOG_EVERY_S:
+                    last_outage_log = now
+                    self._log_outage()
+                if now - last_probe >= STORE_PROBE_EVERY_S and self._probe is None:
+                    last_probe = now
+                    self._probe = asyncio.create_task(self._probe_store())
+
+    async def _probe_store(self) -> None:
+        """While the store is unreachable: ask it something cheap, to notice its return."""
+        assert self.replica is not None
+        try:
+            await asyncio.to_thread(self.replica.store.list_accounts)
+        except (WadaemonError, OSError):
+            pass
+        else:
+            self._store_ok()
+        finally:
+            self._probe = None
+
+    def _log_outage(self) -> None:
+        store = self.state.store
+        since = time.time() - (store.last_error_at or time.time())
+        now = time.monotonic()
+        waiting = [a for a in self.state.accounts.values() if a.pending_since is not None]
+        oldest = max((now - a.pending_since for a in waiting if a.pending_since), default=0.0)
+        log.warning(
+            "backup store %s unreachable for %.0f s (%s); %d accounts wait for a backup, the "
+            "oldest change is %.0f s old; local sessions keep working",
+            store.target,
+            since,
+            store.last_error,
+            len(waiting),
+            oldest,
+        )
 
     # --- reload ------------------------------------------------------------------------------
 
@@ -237,42 +278,85 @@ class Daemon:
     # --- restore -----------------------------------------------------------------------------
 
     async def _restore_phase(self) -> None:
-        assert self.replica is not None
-        accounts = set(self.layout.local_accounts())
-        try:
-            accounts.update(await asyncio.to_thread(self.replica.store.list_accounts))
-        except (WadaemonError, OSError) as exc:
-            self._store_failed(exc)
-            log.error("restore: cannot list the backed-up accounts (%s); checking local ones", exc)
-        if not accounts:
-            log.info("restore: no accounts, locally or in the backup")
-            return
-        first_attempts = {a: asyncio.get_running_loop().create_future() for a in accounts}
-        for account in sorted(accounts):
-            self.state.account(account).state = "restoring"
-            self._spawn(self._restore_until_done(account, first_attempts[account]), "restore")
-        timeout = self.config.restore.timeout_seconds
-        done, pending = await asyncio.wait(first_attempts.values(), timeout=timeout)
-        if pending:
-            still = sorted(a for a, f in first_attempts.items() if not f.done())
+        """Restore what needs it; wait at most restore.timeout_seconds for the first attempts.
+
+        Accounts are the local directories plus the store's active heads. If the store cannot
+        be listed yet, local accounts go ahead and the listing is retried in the background;
+        accounts found later are restored then.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.restore.timeout_seconds
+        for account in self.layout.local_accounts():
+            self._start_restore(account)
+        discovery = asyncio.create_task(self._discover_backed_up_accounts(), name="discovery")
+        self._tasks.append(discovery)
+        done, _ = await asyncio.wait([discovery], timeout=max(0.0, deadline - loop.time()))
+        if not done:
             log.warning(
-                "restore: %d accounts not restored after %.0f s (restore.timeout_seconds); "
-                "starting anyway, they keep being retried: %s",
-                len(still),
-                timeout,
-                ", ".join(still),
+                "restore: the backup store cannot be listed yet; starting with the local "
+                "accounts, the others are restored once it answers"
             )
-        outcomes = [f.result() for f in done]
-        restored = sum(1 for o in outcomes if o.status == "restored")
+        firsts = list(self._first_restores.values())
+        if firsts:
+            await asyncio.wait(firsts, timeout=max(0.0, deadline - loop.time()))
+        pending = sorted(a for a, f in self._first_restores.items() if not f.done())
+        if pending:
+            log.warning(
+                "restore: %d accounts not restored within %.0f s (restore.timeout_seconds); "
+                "starting anyway, they keep being retried: %s",
+                len(pending),
+                self.config.restore.timeout_seconds,
+                ", ".join(pending),
+            )
+        outcomes = [f.result() for f in firsts if f.done()]
         failed = sum(1 for o in outcomes if not o.ok)
         log.info(
-            "restore: %d accounts checked, %d restored, %d failed (retrying in the background)"
-            if failed
-            else "restore: %d accounts checked, %d restored, %d failed",
-            len(done),
-            restored,
+            "restore: %d accounts checked, %d restored, %d failed%s",
+            len(outcomes),
+            sum(1 for o in outcomes if o.status == "restored"),
             failed,
+            " (retrying in the background)" if failed else "",
         )
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake early when stopping or when the store answers again."""
+        waits = [
+            asyncio.create_task(self.stop_event.wait()),
+            asyncio.create_task(self._store_back.wait()),
+        ]
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+
+    def _start_restore(self, account: str) -> None:
+        if account in self._first_restores:
+            return
+        first: asyncio.Future[RestoreOutcome] = asyncio.get_running_loop().create_future()
+        self._first_restores[account] = first
+        self.state.account(account).state = "restoring"
+        self._spawn(self._restore_until_done(account, first), f"restore-{account}")
+
+    async def _discover_backed_up_accounts(self) -> None:
+        assert self.replica is not None
+        delay = RESTORE_RETRY_FIRST_S
+        while not self.stop_event.is_set():
+            try:
+                accounts = await asyncio.to_thread(self.replica.store.list_accounts)
+            except (WadaemonError, OSError) as exc:
+                self._store_failed(exc)
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "restore: cannot list the backed-up accounts (%s); retrying in %.0f s",
+                    exc,
+                    wait,
+                )
+                await self._pause(wait)
+                delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+                continue
+            self._store_ok()
+            for account in sorted(accounts):
+                self._start_restore(account)
+            return
 
     async def _restore_until_done(
         self, account: str, first: asyncio.Future[RestoreOutcome]
@@ -280,7 +364,7 @@ class Daemon:
         assert self.restorer is not None
         delay = RESTORE_RETRY_FIRST_S
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.stop_event.is_set():
             try:
                 outcome = await loop.run_in_executor(
                     self._restore_pool, self.restorer.restore_account, account
@@ -295,11 +379,8 @@ class Daemon:
                 return
             wait = delay * random.uniform(0.5, 1.0)
             log.warning("%s: retrying the restore in %.0f s", account, wait)
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), wait)
-                return
-            except asyncio.TimeoutError:
-                delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+            await self._pause(wait)
+            delay = min(RESTORE_RETRY_MAX_S, delay * 2)
 
     def _record_restore(self, outcome: RestoreOutcome) -> None:
         st = self.state.account(outcome.account)
@@ -352,7 +433,10 @@ class Daemon:
     def _store_ok(self) -> None:
         store = self.state.store
         if not store.reachable:
-            log.info("backup store %s reachable again", store.target)
+            log.info("backup store %s reachable again; catching up", store.target)
+            self.scheduler.retry_now()
+            self._store_back.set()
+            self._store_back = asyncio.Event()
         store.reachable = True
         store.last_ok_at = time.time()
 
