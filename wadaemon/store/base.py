@@ -9,7 +9,7 @@ plaintext and never decide anything: the replica does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -109,6 +109,24 @@ class Store(Protocol):
 
     def account_lock(self, account: str) -> AbstractContextManager[None]:
         """Held across a commit or a garbage collection, so the two never interleave."""
+        ...
+
+    def record_account(self, account: str, fields: Mapping[str, object]) -> None:
+        """Merge `fields` into the account's metadata record (status, phone, lastEventAt...).
+
+        Each given top-level field replaces the stored one; fields not given are kept. Values
+        are JSON types (str, int, float, bool, None, lists, string-keyed maps). A backend may
+        coalesce frequent calls (the newest value of each field wins) and write them later;
+        flush() writes whatever is pending.
+        """
+        ...
+
+    def read_account(self, account: str) -> dict[str, Any] | None:
+        """The account's metadata record (with fields still pending a write), None if none."""
+        ...
+
+    def flush(self) -> None:
+        """Write everything this store still holds back (coalesced metadata); call at shutdown."""
         ...
 
 

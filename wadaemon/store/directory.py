@@ -3,7 +3,9 @@
 <root>/<account>/HEAD.json                 the head, replaced atomically
 <root>/<account>/generations/<gen>.bin     encrypted manifests, created once
 <root>/<account>/pieces/<id[:2]>/<id>      encrypted pieces
-<root>/<account>/.commit.lock, .head.lock  flock(2) locks shared by every process
+<root>/<account>/account.json              the account's metadata record, replaced atomically
+<root>/<account>/.commit.lock, .head.lock,
+                 .account.lock             flock(2) locks shared by every process
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from wadaemon.fsutil import atomic_create, atomic_write
 from wadaemon.layout import is_account_id
@@ -181,3 +184,33 @@ class DirectoryStore:
 
     def delete_manifest(self, account: str, generation: int) -> None:
         self._manifest_path(account, generation).unlink(missing_ok=True)
+
+    # --- account metadata ---
+    def record_account(self, account: str, fields: Mapping[str, object]) -> None:
+        with self._flock(account, ".account.lock"):
+            record = self.read_account(account) or {}
+            record.update(fields)
+            path = self.root / account / "account.json"
+            try:
+                data = json.dumps(record, sort_keys=True, indent=1).encode()
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"{account}: account fields are not JSON values: {exc}") from None
+            try:
+                atomic_write(path, data)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot write {path}: {exc.strerror}") from None
+
+    def read_account(self, account: str) -> dict[str, Any] | None:
+        path = self.root / account / "account.json"
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: cannot read the account record: {exc}") from None
+        if not isinstance(raw, dict):
+            raise StoreError(f"{path}: the account record is not a JSON object")
+        return raw
+
+    def flush(self) -> None:
+        """Nothing is held back: every write above is durable when it returns."""
