@@ -277,3 +277,16 @@ def test_store_outage_at_boot_and_recovery(env: Env, daemon_factory: type[Daemon
     assert "reachable again" in daemon.log()
     assert read_ids(env.sessions / "alice" / "session.db") == list(range(1, 51))
     assert daemon.stop() == 0
+
+
+def test_sigterm_during_a_long_restore_phase_stops_promptly(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    env.write_config(restore_timeout=300)
+    env.backups.write_text("not mounted")
+    daemon = daemon_factory()
+    daemon.wait_for("cannot list the backed-up accounts")
+    started = time.monotonic()
+    assert daemon.stop(timeout=30) == 0
+    assert time.monotonic() - started < 10
+    assert "ready:" not in daemon.log()

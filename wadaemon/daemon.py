@@ -132,9 +132,10 @@ class Daemon:
             self._pass("startup", force=True)
         else:
             self.watcher.down_since = None
-        self.state.phase = "running"
-        log.info("ready: %s", status_line(self.state))
-        self.notifier.ready(status_line(self.state))
+        if not self.stop_event.is_set():
+            self.state.phase = "running"
+            log.info("ready: %s", status_line(self.state))
+            self.notifier.ready(status_line(self.state))
         await self.stop_event.wait()
 
         self.state.phase = "stopping"
@@ -154,6 +155,7 @@ class Daemon:
             self.stop_event.set()
 
     def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     # --- heartbeat: loop lag, watchdog, STATUS ---------------------------------------------
@@ -290,15 +292,14 @@ class Daemon:
             self._start_restore(account)
         discovery = asyncio.create_task(self._discover_backed_up_accounts(), name="discovery")
         self._tasks.append(discovery)
-        done, _ = await asyncio.wait([discovery], timeout=max(0.0, deadline - loop.time()))
-        if not done:
+        await self._wait_all([discovery], deadline)
+        if not discovery.done() and not self.stop_event.is_set():
             log.warning(
                 "restore: the backup store cannot be listed yet; starting with the local "
                 "accounts, the others are restored once it answers"
             )
         firsts = list(self._first_restores.values())
-        if firsts:
-            await asyncio.wait(firsts, timeout=max(0.0, deadline - loop.time()))
+        await self._wait_all(firsts, deadline)
         pending = sorted(a for a, f in self._first_restores.items() if not f.done())
         if pending:
             log.warning(
@@ -317,6 +318,22 @@ class Daemon:
             failed,
             " (retrying in the background)" if failed else "",
         )
+
+    async def _wait_all(self, aws: list[asyncio.Future[Any]], deadline: float) -> None:
+        """Wait for all of `aws` until the loop time `deadline`, or until asked to stop."""
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Future[Any]] = {f for f in aws if not f.done()}
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            while pending and not self.stop_event.is_set() and loop.time() < deadline:
+                _, pending = await asyncio.wait(
+                    pending | {stop},
+                    timeout=deadline - loop.time(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                pending.discard(stop)
+        finally:
+            stop.cancel()
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake early when stopping or when the store answers again."""
