@@ -31,7 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "etc" / "wadaemon" / "wadaemon.yaml"
 
 # Variables that would change what the CLI reads; the subprocesses run without them.
-_ISOLATE = ("WADAEMON_CONFIG", "SESSIONS_PATH", "CREDENTIALS_DIRECTORY", "JOURNAL_STREAM")
+_ISOLATE = (
+    "WADAEMON_CONFIG",
+    "SESSIONS_PATH",
+    "CREDENTIALS_DIRECTORY",
+    "JOURNAL_STREAM",
+    "GOOGLE_CLOUD_PROJECT",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "FIRESTORE_EMULATOR_HOST",
+)
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
@@ -253,6 +261,19 @@ def remove_key(root: Path) -> None:
     (root / "session.key").unlink()
 
 
+FIRESTORE = "firestore:\n  project: {project}\n"
+SERVICE_ACCOUNT = '{"type": "service_account", "project_id": "my-project"}\n'
+
+
+def service_account(mode: int, text: str = SERVICE_ACCOUNT) -> Callable[[Path], None]:
+    def prepare(root: Path) -> None:
+        path = root / "service-account.json"
+        path.write_text(text)
+        path.chmod(mode)
+
+    return prepare
+
+
 @dataclass(frozen=True)
 class Bad:
     name: str
@@ -362,12 +383,62 @@ CASES = [
         ("overlaps sessions_path", "outside the sessions directory"),
     ),
     Bad(
-        "firestore-not-available",
+        "firestore-without-project",
         with_line("target: directory", "target: firestore"),
         "{config}",
-        "backup.target",
-        "  target: firestore",
-        ("firestore target is not available", "use 'directory'", "'none'"),
+        "firestore.project",
+        None,  # not in the file
+        ("no project is set", "set firestore.project", "$GOOGLE_CLOUD_PROJECT"),
+    ),
+    Bad(
+        "firestore-project-is-a-display-name",
+        with_line("target: directory", "target: firestore") + FIRESTORE.format(project="My App"),
+        "{config}",
+        "firestore.project",
+        "  project: My App",
+        ("'My App' is not a Google Cloud project id", "gcloud projects list"),
+    ),
+    Bad(
+        "firestore-prefix-with-a-slash",
+        with_line("target: directory", "target: firestore")
+        + FIRESTORE.format(project="my-project")
+        + "  collection_prefix: staging/x\n",
+        "{config}",
+        "firestore.collection_prefix",
+        "  collection_prefix: staging/x",
+        ("cannot start a collection name", "letters, digits"),
+    ),
+    Bad(
+        "firestore-credentials-file-missing",
+        with_line("target: directory", "target: firestore")
+        + FIRESTORE.format(project="my-project")
+        + "  credentials_file: {root}/service-account.json\n",
+        "{root}/service-account.json",
+        "firestore.credentials_file",
+        "  credentials_file: {root}/service-account.json",
+        ("not found", "roles/datastore.user", "chmod 600"),
+    ),
+    Bad(
+        "firestore-credentials-file-mode-0644",
+        with_line("target: directory", "target: firestore")
+        + FIRESTORE.format(project="my-project")
+        + "  credentials_file: {root}/service-account.json\n",
+        "{root}/service-account.json",
+        "firestore.credentials_file",
+        "  credentials_file: {root}/service-account.json",
+        ("mode 0644", "chmod 600 {root}/service-account.json"),
+        service_account(0o644),
+    ),
+    Bad(
+        "firestore-credentials-file-not-json",
+        with_line("target: directory", "target: firestore")
+        + FIRESTORE.format(project="my-project")
+        + "  credentials_file: {root}/service-account.json\n",
+        "{root}/service-account.json",
+        "firestore.credentials_file",
+        "  credentials_file: {root}/service-account.json",
+        ("not a Google credentials JSON file", "roles/datastore.user"),
+        service_account(0o600, "project = my-project\n"),
     ),
     Bad(
         "top-level-is-a-list",
@@ -662,3 +733,86 @@ def test_infinite_durations_are_refused(tmp_path: Path, key: str) -> None:
     text = f"backup:\n  {key}: .inf\n"
     with pytest.raises(ConfigError, match=rf"w.yaml:2: backup.{key} must be a number"):
         parse_config(text, tmp_path / "w.yaml", {})
+
+
+# --- the firestore section ----------------------------------------------------------------------
+
+
+def firestore_text(*lines: str) -> str:
+    return "backup:\n  target: firestore\nfirestore:\n" + "".join(f"  {x}\n" for x in lines)
+
+
+def test_firestore_section_is_read_and_its_path_resolved(tmp_path: Path) -> None:
+    service_account(0o600)(tmp_path)
+    text = firestore_text(
+        "project: my-project",
+        "database: sessions-eu",
+        "credentials_file: service-account.json",
+        "collection_prefix: staging_",
+    )
+    fs = parse_config(text, tmp_path / "w.yaml", {}).firestore
+    assert fs.project == "my-project"
+    assert fs.database == "sessions-eu"
+    assert fs.credentials_file == tmp_path / "service-account.json"
+    assert fs.collection_prefix == "staging_"
+
+
+def test_firestore_defaults_leave_the_credentials_to_the_client_library(tmp_path: Path) -> None:
+    from wadaemon.config import firestore_credentials
+
+    config = parse_config(firestore_text("project: my-project"), tmp_path / "w.yaml", {})
+    assert config.firestore.database == "(default)"
+    assert config.firestore.credentials_file is None
+    assert config.firestore.collection_prefix == ""
+    assert firestore_credentials(config.firestore, {}) == (
+        None,
+        "application default credentials",
+    )
+
+
+def test_firestore_project_from_google_cloud_project(tmp_path: Path) -> None:
+    env = {"GOOGLE_CLOUD_PROJECT": "env-project"}
+    config = parse_config(firestore_text(), tmp_path / "w.yaml", env)
+    assert config.firestore.project == "env-project"
+    from_file = parse_config(firestore_text("project: file-project"), tmp_path / "w.yaml", env)
+    assert from_file.firestore.project == "file-project"  # the file wins
+
+
+def test_firestore_emulator_needs_no_credentials(tmp_path: Path) -> None:
+    text = firestore_text("project: demo-test", f"credentials_file: {tmp_path / 'absent.json'}")
+    with pytest.raises(ConfigError, match="not found"):
+        parse_config(text, tmp_path / "w.yaml", {})
+    env = {"FIRESTORE_EMULATOR_HOST": "127.0.0.1:8080"}
+    assert parse_config(text, tmp_path / "w.yaml", env).firestore.project == "demo-test"
+
+
+def test_firestore_systemd_credential_wins_over_the_file(tmp_path: Path) -> None:
+    from wadaemon.config import firestore_credentials
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "firestore-credentials").write_text(SERVICE_ACCOUNT)
+    text = firestore_text("project: my-project", f"credentials_file: {tmp_path / 'absent.json'}")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    config = parse_config(text, tmp_path / "w.yaml", env)  # the absent file is not used
+    assert firestore_credentials(config.firestore, env) == (
+        creds / "firestore-credentials",
+        "systemd credential firestore-credentials",
+    )
+
+
+def test_firestore_section_is_not_checked_for_other_targets(tmp_path: Path) -> None:
+    text = "firestore:\n  project: Not An Id\n"
+    assert parse_config(text, tmp_path / "w.yaml", {}).firestore.project == "Not An Id"
+
+
+def test_firestore_target_passes_check_config_with_the_emulator(tmp_path: Path) -> None:
+    config = tmp_path / "wadaemon.yaml"
+    config.write_text(
+        with_line("target: directory", "target: firestore").format(root=tmp_path)
+        + FIRESTORE.format(project="demo-test")
+    )
+    write_new_key(tmp_path / "session.key")
+    env = clean_environ(FIRESTORE_EMULATOR_HOST="127.0.0.1:8080")
+    proc = wadaemon("check-config", "--config", str(config), env=env)
+    assert proc.returncode == 0, proc.stderr

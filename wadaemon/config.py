@@ -7,8 +7,11 @@ fix. Relative paths in the file are taken relative to the directory that holds t
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
+import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,13 @@ CONFIG_ENV = "WADAEMON_CONFIG"
 SESSIONS_PATH_ENV = "SESSIONS_PATH"
 BACKUP_TARGETS = ("directory", "firestore", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Read by the Google client library itself; wadaemon honours them the same way.
+EMULATOR_ENV = "FIRESTORE_EMULATOR_HOST"
+PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
+FIRESTORE_CREDENTIAL_NAME = "firestore-credentials"  # systemd credential ($CREDENTIALS_DIRECTORY)
+_PROJECT_RE = re.compile(r"^([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_DATABASE_RE = re.compile(r"^(\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9])$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,15 @@ class BackupConfig:
     debounce_seconds: float
     interval_seconds: float
     keep_generations: int
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class FirestoreConfig:
+    project: str  # from the file, else $GOOGLE_CLOUD_PROJECT; "" when neither says
+    database: str
+    credentials_file: Path | None  # None: not configured (ADC, or the systemd credential)
+    collection_prefix: str
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class Config:
     log_level: str
     encryption: EncryptionConfig
     backup: BackupConfig
+    firestore: FirestoreConfig
     restore: RestoreConfig
     whatsapp: WhatsAppConfig
     lines: Mapping[tuple[str, ...], int] = field(default_factory=dict, compare=False, repr=False)
@@ -70,8 +90,8 @@ class Config:
 
 
 # --- schema -------------------------------------------------------------------------------------
-# A leaf is (kind, default). Kinds: "path", "paths", "bool", "int>=1", "float>0", "float>=0",
-# "choice:<a|b>". A nested dict is a section.
+# A leaf is (kind, default). Kinds: "path", "path?" (a path or "" for none), "paths", "str",
+# "bool", "int>=1", "float>0", "float>=0", "choice:<a|b>". A nested dict is a section.
 
 Schema = Mapping[str, Any]
 
@@ -89,6 +109,13 @@ SCHEMA: Schema = {
         "debounce_seconds": ("float>=0", 1.0),
         "interval_seconds": ("float>0", 300.0),
         "keep_generations": ("int>=1", 5),
+        "timeout_seconds": ("float>0", 600.0),
+    },
+    "firestore": {
+        "project": ("str", ""),
+        "database": ("str", "(default)"),
+        "credentials_file": ("path?", ""),
+        "collection_prefix": ("str", ""),
     },
     "restore": {
         "on_boot": ("bool", True),
@@ -158,9 +185,10 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
                 f"${SESSIONS_PATH_ENV}={sessions!r} is not an absolute path; set it to an "
                 "absolute directory such as /var/lib/wadaemon/sessions (the systemd drop-in does)."
             )
-    enc, bak, rst, wa = (
+    enc, bak, fs, rst, wa = (
         values["encryption"],
         values["backup"],
+        values["firestore"],
         values["restore"],
         values["whatsapp"],
     )
@@ -179,6 +207,13 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             debounce_seconds=float(bak["debounce_seconds"]),
             interval_seconds=float(bak["interval_seconds"]),
             keep_generations=int(bak["keep_generations"]),
+            timeout_seconds=float(bak["timeout_seconds"]),
+        ),
+        firestore=FirestoreConfig(
+            project=fs["project"] or environ.get(PROJECT_ENV, ""),
+            database=fs["database"],
+            credentials_file=p(fs["credentials_file"]) if fs["credentials_file"] else None,
+            collection_prefix=fs["collection_prefix"],
         ),
         restore=RestoreConfig(
             on_boot=rst["on_boot"],
@@ -188,17 +223,13 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         whatsapp=WhatsAppConfig(enabled=wa["enabled"]),
         lines=lines,
     )
-    _check_consistency(config, src)
+    _check_consistency(config, src, environ)
     return config
 
 
-def _check_consistency(config: Config, src: _Source) -> None:
+def _check_consistency(config: Config, src: _Source, environ: Mapping[str, str]) -> None:
     if config.backup.target == "firestore":
-        raise ConfigError(
-            f"{src.where(('backup', 'target'))}: the firestore target is not available in this "
-            "version of wadaemon; use 'directory' (backups in a local or mounted directory) or "
-            "'none' (local sessions only)."
-        )
+        _check_firestore(config.firestore, src, environ)
     sessions = config.sessions_path
     if config.backup.target == "directory":
         backups = config.backup.directory.resolve()
@@ -209,6 +240,86 @@ def _check_consistency(config: Config, src: _Source) -> None:
                 f"sessions_path {sessions}; put backups outside the sessions directory (ideally "
                 "on another disk)."
             )
+
+
+def firestore_credentials(
+    fs: FirestoreConfig, environ: Mapping[str, str]
+) -> tuple[Path | None, str]:
+    """The service-account file to use and where it was configured, or (None, why) when the
+    client library finds credentials itself (the emulator, $GOOGLE_APPLICATION_CREDENTIALS, or
+    the metadata server on Google Cloud). The systemd credential wins over the file, as the
+    session key's does."""
+    if environ.get(EMULATOR_ENV):
+        return None, f"${EMULATOR_ENV} (the emulator needs no credentials)"
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / FIRESTORE_CREDENTIAL_NAME).exists():
+        credential = Path(creds) / FIRESTORE_CREDENTIAL_NAME
+        return credential, f"systemd credential {FIRESTORE_CREDENTIAL_NAME}"
+    if fs.credentials_file is not None:
+        return fs.credentials_file, "firestore.credentials_file"
+    return None, "application default credentials"
+
+
+def _check_firestore(fs: FirestoreConfig, src: _Source, environ: Mapping[str, str]) -> None:
+    def where(key: str) -> str:
+        return src.where(("firestore", key))
+
+    if not fs.project:
+        raise ConfigError(
+            f"{where('project')}: backup.target is firestore but no project is set; set "
+            f"firestore.project to your Google Cloud project id (or export ${PROJECT_ENV})."
+        )
+    if not _PROJECT_RE.match(fs.project):
+        raise ConfigError(
+            f"{where('project')}: {fs.project!r} is not a Google Cloud project id (6 to 30 "
+            "characters: lowercase letters, digits and '-', starting with a letter); use the id "
+            "that `gcloud projects list` shows, not the project's display name."
+        )
+    if not _DATABASE_RE.match(fs.database):
+        raise ConfigError(
+            f"{where('database')}: {fs.database!r} is not a Firestore database id; use "
+            "\"(default)\" or the id of a named database (lowercase letters, digits and '-')."
+        )
+    if not _PREFIX_RE.match(fs.collection_prefix):
+        raise ConfigError(
+            f"{where('collection_prefix')}: {fs.collection_prefix!r} cannot start a collection "
+            "name; use up to 64 letters, digits, '_' and '-' (for example \"staging_\")."
+        )
+    path, setting = firestore_credentials(fs, environ)
+    if path is None or setting != "firestore.credentials_file":
+        return
+    _check_credentials_file(path, where("credentials_file"))
+
+
+def _check_credentials_file(path: Path, where: str) -> None:
+    hint = (
+        "create a JSON key for a service account that has the role roles/datastore.user "
+        f"(`gcloud iam service-accounts keys create {path} --iam-account=ACCOUNT`), "
+        f"then `chmod 600 {path}`"
+    )
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: credentials file {path} not found; {hint}.") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot access the credentials file {path}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{where}: the credentials file {path} is not a regular file.")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"{where}: the credentials file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so "
+            f"group or others can read the service account's private key; run `chmod 600 {path}`."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read the credentials file {path}: {exc}") from None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ConfigError(
+            f'{where}: {path} is not a Google credentials JSON file (no "type" field); {hint}.'
+        )
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------
@@ -301,6 +412,22 @@ def _check_path(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> s
     return value
 
 
+def _check_optional_path(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _fail(full, src, 'a path, or "" for none', value)
+    return value
+
+
+def _check_str(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(full, src, "a string (quote it)", value)
+    return value.strip()
+
+
 def _check_paths(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> list[str]:
     if value is None:
         return []
@@ -339,7 +466,9 @@ def _check_choice(value: Any, kind: str, full: tuple[str, ...], src: _Source) ->
 
 _CHECKS: dict[str, Callable[[Any, str, tuple[str, ...], _Source], Any]] = {
     "path": _check_path,
+    "path?": _check_optional_path,
     "paths": _check_paths,
+    "str": _check_str,
     "bool": _check_bool,
     "int>=1": _check_int,
     "float>0": _check_float,

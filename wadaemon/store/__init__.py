@@ -26,4 +26,10 @@ def open_store(config: Config) -> Store | None:
         return None
     if target == "directory":
         return DirectoryStore(config.backup.directory)
+    if target == "firestore":
+        # imported here: the Google client library takes most of a second to import, and only
+        # this target needs it
+        from wadaemon.store.firestore import open_firestore
+
+        return open_firestore(config)
     raise ConfigError(f"{config.path}: backup.target {target!r} is not available in this version")
