@@ -42,3 +42,34 @@ ensure_venv() {
     rm -f "$log"
     echo "$want" > "$stamp"
 }
+
+# ensure_firestore_emulator: Java and Google's Firestore emulator, which the tests start.
+# Installs a JRE from the distribution when java is missing; the emulator itself comes from
+# Google's Cloud SDK apt repository, so without it this stops and says how to get it.
+FIRESTORE_EMULATOR_JAR=${FIRESTORE_EMULATOR_JAR:-/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar}
+export FIRESTORE_EMULATOR_JAR
+
+ensure_firestore_emulator() {
+    if ! command -v java >/dev/null; then
+        echo "installing default-jre-headless (apt-get): the Firestore emulator runs on Java" >&2
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless \
+            >/dev/null
+    fi
+    [ -f "$FIRESTORE_EMULATOR_JAR" ] && return 0
+    if apt-cache policy google-cloud-cli-firestore-emulator 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        echo "installing google-cloud-cli-firestore-emulator (apt-get)" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            google-cloud-cli-firestore-emulator >/dev/null
+        [ -f "$FIRESTORE_EMULATOR_JAR" ] && return 0
+    fi
+    cat >&2 <<MSG
+The Firestore emulator is not installed ($FIRESTORE_EMULATOR_JAR is missing); the tests need it.
+Install it from Google's Cloud SDK apt repository (https://cloud.google.com/sdk/docs/install#deb):
+    apt-get install google-cloud-cli-firestore-emulator
+or, with the gcloud CLI installed another way:
+    gcloud components install cloud-firestore-emulator
+and set FIRESTORE_EMULATOR_JAR to the jar if it is not at the path above.
+MSG
+    exit 1
+}
