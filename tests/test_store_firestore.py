@@ -7,6 +7,7 @@ starts, through the same client library production uses.
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -18,14 +19,18 @@ from typing import Any
 
 import pytest
 from conftest import make_db, run_sql
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from firestore_emulator import Emulator
 
 from wadaemon.backup import BackupEngine
+from wadaemon.config import load_config
+from wadaemon.errors import ConfigError
 from wadaemon.keyring import Keyring
 from wadaemon.layout import SessionsLayout
 from wadaemon.replica import GcResult, Replica
 from wadaemon.restore import Restorer
-from wadaemon.store import DirectoryStore, HeadConflict, NotFound, StoreUnavailable
+from wadaemon.store import DirectoryStore, HeadConflict, NotFound, StoreUnavailable, open_store
 from wadaemon.store import firestore as fsmod
 from wadaemon.store.base import Head
 from wadaemon.store.firestore import FirestoreStore
@@ -127,6 +132,63 @@ def test_describe_names_project_database_and_emulator(
         f"firestore project {firestore_emulator.project} database (default) "
         f"(emulator {firestore_emulator.address})"
     )
+
+
+def test_open_store_builds_the_configured_store(
+    firestore_emulator: Emulator, tmp_path: Path
+) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(
+        "backup:\n  target: firestore\n"
+        f"firestore:\n  project: {firestore_emulator.project}\n  collection_prefix: t_\n"
+    )
+    store = open_store(load_config(path))
+    assert isinstance(store, FirestoreStore)
+    assert "collection prefix 't_'" in store.describe()
+    store.switch_head("a", None, head(1))
+    assert store.list_accounts() == ["a"]
+    assert [c.id for c in store.client.collections()] == ["t_wa_sessions"]
+
+
+def test_missing_or_unusable_credentials_are_configuration_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("FIRESTORE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no gcloud login
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # no metadata server
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    path = tmp_path / "w.yaml"
+    path.write_text("backup:\n  target: firestore\nfirestore:\n  project: my-project\n")
+    with pytest.raises(ConfigError, match="no Google credentials for Firestore project my-project"):
+        open_store(load_config(path, environ={}))
+    key = tmp_path / "sa.json"
+    key.write_text('{"type": "service_account"}')
+    key.chmod(0o600)
+    path.write_text(path.read_text() + f"  credentials_file: {key}\n")
+    with pytest.raises(ConfigError, match=r"w.yaml:5: firestore.credentials_file: .* no usable"):
+        open_store(load_config(path, environ={}))
+
+    # a well-formed key builds the store (nothing is sent before the first call)
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    sa = {
+        "type": "service_account",
+        "project_id": "my-project",
+        "private_key_id": "0" * 40,
+        "private_key": pem,
+        "client_email": "wadaemon@my-project.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    key.write_text(json.dumps(sa))
+    store = open_store(load_config(path, environ={}))
+    assert isinstance(store, FirestoreStore)
+    assert store.describe() == "firestore project my-project database (default)"
 
 
 def test_head_writes_are_paced_to_one_per_second(store: FirestoreStore) -> None:

@@ -22,6 +22,7 @@ with Firestore down, retry for about a minute before failing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -31,9 +32,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
-import google.auth
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_transient_error
 from google.auth import exceptions as auth_exc
@@ -42,6 +43,8 @@ from google.cloud.firestore_v1 import SERVER_TIMESTAMP, Client
 from google.cloud.firestore_v1.collection import CollectionReference
 from google.cloud.firestore_v1.document import DocumentReference
 from google.cloud.firestore_v1.field_path import FieldPath
+from google.oauth2 import credentials as user_credentials
+from google.oauth2 import service_account
 
 from wadaemon.config import EMULATOR_ENV, Config, firestore_credentials
 from wadaemon.errors import ConfigError
@@ -522,6 +525,33 @@ class FirestoreStore:
             raise errors[0]
 
 
+def _load_credentials(path: Path, where: str) -> Credentials:
+    hint = "create a JSON key for a service account with the role roles/datastore.user"
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("type")
+        # (the google.oauth2 loaders have no type annotations)
+        loaded: Credentials
+        if kind == "service_account":
+            loaded = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                str(path), scopes=SCOPES
+            )
+            return loaded
+        if kind == "authorized_user":  # a person's `gcloud auth application-default login`
+            loaded = user_credentials.Credentials.from_authorized_user_file(  # type: ignore[no-untyped-call]
+                str(path), scopes=SCOPES
+            )
+            return loaded
+    except (OSError, ValueError, AttributeError, auth_exc.GoogleAuthError) as exc:
+        raise ConfigError(
+            f"{where}: {path} holds no usable Google credentials ({_short(exc)}); {hint}."
+        ) from None
+    raise ConfigError(
+        f"{where}: {path} holds credentials of type {kind!r}; wadaemon reads service account "
+        "keys and authorized-user files here (for other kinds, set "
+        f"$GOOGLE_APPLICATION_CREDENTIALS instead); {hint}."
+    )
+
+
 def open_firestore(config: Config, environ: Mapping[str, str] | None = None) -> FirestoreStore:
     """The store a configuration names; credentials problems are configuration errors."""
     env = os.environ if environ is None else environ
@@ -530,17 +560,7 @@ def open_firestore(config: Config, environ: Mapping[str, str] | None = None) -> 
     where = config.where("firestore", "credentials_file")
     if setting != "firestore.credentials_file":
         where = setting
-    credentials: Credentials | None = None
-    if path is not None:
-        try:
-            credentials, _ = google.auth.load_credentials_from_file(  # type: ignore[no-untyped-call]
-                str(path), scopes=SCOPES
-            )
-        except auth_exc.GoogleAuthError as exc:
-            raise ConfigError(
-                f"{where}: {path} holds no usable Google credentials ({_short(exc)}); create a "
-                "JSON key for a service account with the role roles/datastore.user."
-            ) from None
+    credentials = _load_credentials(path, where) if path is not None else None
     try:
         return FirestoreStore(
             fs.project,
