@@ -267,14 +267,14 @@ class FirestoreStore:
         """Queue a piece for a batched write; it is sent once a batch is full, and at the
         latest before the next manifest of the account is created (or its account lock is
         released), so a generation never becomes visible before its pieces."""
+        ready: dict[str, bytes] = {}
         with self._lock:
             queued = self._unsent.setdefault(account, {})
             full = sum(map(len, queued.values())) + len(blob) > BATCH_BYTES
             if full or len(queued) >= BATCH_DOCS:
-                ready: dict[str, bytes] | None = self._unsent.pop(account)
-                self._unsent[account] = {piece_id: blob}
-            else:
-                ready, queued[piece_id] = None, blob
+                ready, queued = queued, {}  # this batch goes now; the piece starts the next
+                self._unsent[account] = queued
+            queued[piece_id] = blob
         if ready:
             self._commit_pieces(account, ready)
 
