@@ -290,3 +290,30 @@ def test_sigterm_during_a_long_restore_phase_stops_promptly(
     assert daemon.stop(timeout=30) == 0
     assert time.monotonic() - started < 10
     assert "ready:" not in daemon.log()
+
+
+def test_account_record_follows_backups_and_restores(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    from wadaemon.store import DirectoryStore
+
+    state = env.sessions / "gina" / "creds.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    daemon = daemon_factory()
+    daemon.wait_for("ready")
+    wait_until(lambda: env.head_generation("gina") == 1)
+    wait_until(lambda: DirectoryStore(env.backups).read_account("gina") is not None)
+    record = DirectoryStore(env.backups).read_account("gina")
+    assert record is not None
+    assert record["accountId"] == "gina" and record["generation"] == 1
+    assert record["status"] == "protected" and record["lastBackupAt"]
+    assert daemon.stop() == 0
+
+    shutil.rmtree(state.parent)
+    daemon = daemon_factory()
+    daemon.wait_for("ready")
+    store = DirectoryStore(env.backups)
+    wait_until(lambda: bool((store.read_account("gina") or {}).get("lastRestoreAt")))
+    assert (store.read_account("gina") or {})["generation"] == 1
+    assert daemon.stop() == 0

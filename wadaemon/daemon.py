@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
 from wadaemon.replica import Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
-from wadaemon.state import DaemonState
+from wadaemon.state import DaemonState, iso_time
 from wadaemon.store import StoreError, open_store
 from wadaemon.watcher import SessionWatcher
 
@@ -89,6 +90,7 @@ class Daemon:
         self._store_back = asyncio.Event()  # set (and replaced) when the store answers again
         self._probe: asyncio.Task[None] | None = None
         self._last_ping_ok = True
+        self._host = socket.gethostname()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -143,6 +145,11 @@ class Daemon:
         self.notifier.status(status_line(self.state))
         log.info("stopping: final backups of changed accounts")
         await self.scheduler.flush()
+        if self.replica is not None:
+            try:
+                await asyncio.to_thread(self.replica.store.flush)
+            except (WadaemonError, OSError) as exc:
+                log.warning("cannot write the pending account records: %s", exc)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -414,11 +421,33 @@ class Daemon:
         else:
             st.state = "restore_failed"
             log.error("restore: %s", outcome.line())
+        if outcome.status in ("restored", "failed"):
+            fields: dict[str, object] = {"status": st.state, "host": self._host}
+            if outcome.status == "restored":
+                fields.update(
+                    lastRestoreAt=iso_time(st.last_restore_at), generation=outcome.generation
+                )
+            else:
+                fields["lastRestoreError"] = outcome.detail[:1000]
+            self._spawn(self._record(outcome.account, fields), "record")
+
+    async def _record(self, account: str, fields: dict[str, object]) -> None:
+        """Update the account's metadata record in the store (accounts/{id} in Firestore)."""
+        if self.replica is None:
+            return
+        try:
+            await asyncio.to_thread(
+                self.replica.store.record_account, account, {"accountId": account, **fields}
+            )
+        except (WadaemonError, OSError) as exc:
+            self.metrics.store_errors.inc()
+            log.warning("%s: cannot update the account record: %s", account, exc)
 
     # --- backups -----------------------------------------------------------------------------
 
     def _changed(self, account: str) -> None:
         st = self.state.account(account)
+        st.last_change_at = time.time()
         if st.pending_since is None:
             st.pending_since = time.monotonic()
         if st.state == "missing":
@@ -504,6 +533,16 @@ class Daemon:
         if result.commit is not None and result.commit.created:
             self.metrics.uploaded_bytes.inc(result.commit.uploaded_bytes)
             log.info("backup: %s", result.line())
+            await self._record(
+                account,
+                {
+                    "status": st.state,
+                    "host": self._host,
+                    "generation": result.generation,
+                    "lastBackupAt": iso_time(st.last_backup_at),
+                    "lastEventAt": iso_time(st.last_change_at),
+                },
+            )
         else:
             log.debug("backup: %s", result.line())
         return True

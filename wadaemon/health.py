@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from wadaemon.state import DaemonState
+from wadaemon.state import DaemonState, iso_time
 
 LOOP_LAG_FAILING_S = 10.0
 WATCHER_GRACE_S = 5.0
@@ -102,7 +102,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
     for a in sorted(state.accounts.values(), key=lambda a: a.account):
         accounts[a.account] = {
             "state": a.state,
-            "last_backup_at": _iso(a.last_backup_at),
+            "last_backup_at": iso_time(a.last_backup_at),
             "seconds_since_last_backup": round(now - a.last_backup_at, 3)
             if a.last_backup_at
             else None,
@@ -117,7 +117,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
             "consecutive_failures": a.consecutive_failures,
             "last_error": a.last_error or None,
             "last_restore": a.last_restore or None,
-            "last_restore_at": _iso(a.last_restore_at),
+            "last_restore_at": iso_time(a.last_restore_at),
         }
     body: dict[str, Any] = {
         "status": overall,
@@ -158,9 +158,3 @@ def _ago(now: float, then: float | None) -> str:
     if s < 7200:
         return f"{s // 60}m ago"
     return f"{s // 3600}h ago"
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

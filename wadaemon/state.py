@@ -18,6 +18,7 @@ class AccountState:
     consecutive_failures: int = 0
     backup_started: float | None = None  # monotonic, while a backup runs
     pending_since: float | None = None  # monotonic, oldest change no backup has covered yet
+    last_change_at: float | None = None  # wall clock, the last change the watcher reported
     last_restore: str = ""  # one line: the boot restore outcome
     last_restore_at: float | None = None
 
@@ -50,3 +51,8 @@ class DaemonState:
     def last_backup_at(self) -> float | None:
         times = [a.last_backup_at for a in self.accounts.values() if a.last_backup_at]
         return max(times) if times else None
+
+
+def iso_time(t: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC, for JSON and the store's records."""
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
