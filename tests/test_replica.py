@@ -120,8 +120,10 @@ def test_crash_before_head_switch_keeps_old_head(
     assert replica.store.list_generations("dave") == [1, 2]  # orphan manifest, not a generation
     assert [i.generation for i in replica.generations("dave")] == [1]
 
-    result = engine.backup("dave")  # the next commit skips the orphan's number and cleans it
+    result = engine.backup("dave")  # the next commit skips the orphan's number
     assert result.commit is not None and result.commit.generation == 3
+    assert [i.generation for i in replica.generations("dave")] == [3, 1]
+    replica.collect_garbage("dave")  # a full collection (first commit, then daily) drops it
     assert replica.store.list_generations("dave") == [1, 3]
 
 
@@ -155,9 +157,39 @@ def test_unreadable_kept_generation_blocks_piece_collection(
     manifest_file = tmp_path / "backups" / "erin" / "generations" / f"{1:012d}.bin"
     manifest_file.write_bytes(b"garbage")
     pieces_before = replica.store.list_pieces("erin")
-    gc = replica.collect_garbage("erin")
+    fresh = Replica(replica.store, keyring, keep_generations=2)  # as a new process would
+    gc = fresh.collect_garbage("erin")
     assert gc.skipped and gc.deleted_pieces == 0
     assert replica.store.list_pieces("erin") == pieces_before
+
+
+def test_steady_state_commits_do_not_list_the_store(
+    tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, replica = setup_engine(tmp_path, keyring, keep=2)
+    f = tmp_path / "sessions" / "hana" / "x.bin"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"0" * 1000)
+    engine.backup("hana")  # the first commit in a process does a full collection
+    listings: list[str] = []
+    for name in ("list_pieces", "list_generations", "read_manifest"):
+        real = getattr(replica.store, name)
+
+        def counting(*args: object, _real: object = real, _name: str = name) -> object:
+            listings.append(_name)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(replica.store, name, counting)
+    for i in range(1, 6):
+        f.write_bytes(bytes([i]) * 1000)
+        result = engine.backup("hana")
+        assert result.commit is not None and result.commit.created
+    assert listings == []  # retention worked from memory
+    assert replica.store.list_generations("hana") == [5, 6]
+    referenced = {
+        p for g in (5, 6) for fe in replica.load_manifest("hana", g).files for p in fe.pieces
+    }
+    assert replica.store.list_pieces("hana") == referenced
 
 
 def test_temporary_files_of_a_dead_writer_are_swept(tmp_path: Path, keyring: Keyring) -> None:

@@ -426,7 +426,7 @@ class ReplicaWithoutCollection(Replica):
     race below is about the head's compare-and-swap, so its writers do not collect.
     """
 
-    def _collect_garbage_locked(self, account: str) -> GcResult:
+    def _collect_after_commit(self, account: str, fell_off: tuple[int, ...]) -> GcResult:
         return GcResult(skipped="collection disabled in this test")
 
 

@@ -147,7 +147,7 @@ class Daemon:
         await self.scheduler.flush()
         if self.replica is not None:
             try:
-                await asyncio.to_thread(self.replica.store.flush)
+                await asyncio.to_thread(self.replica.store.close)
             except (WadaemonError, OSError) as exc:
                 log.warning("cannot write the pending account records: %s", exc)
         for task in self._tasks:

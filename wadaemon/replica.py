@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 # pieces upload less per change (a one-row change touches 1-5 pages); larger ones mean fewer
 # documents per full backup.
 PIECE_SIZE = 64 * 1024
+FULL_GC_EVERY_S = 24 * 3600.0
 # SQLite header fields that differ between two copies of the same content (file change counter,
 # schema cookie, version-valid-for): masked when deciding whether anything changed.
 _SQLITE_VOLATILE = ((24, 28), (40, 44), (92, 96))
@@ -104,6 +106,8 @@ class Replica:
         # account -> (head generation, its pieces): known to be stored while that head stands,
         # so a commit asks the store only about pieces it has not seen in the head.
         self._head_pieces: dict[str, tuple[int, frozenset[str]]] = {}
+        self._pieces_of: dict[tuple[str, int], frozenset[str]] = {}  # manifests read or written
+        self._last_full_gc: dict[str, float] = {}  # account -> time.monotonic()
 
     # --- commit -------------------------------------------------------------------------------
 
@@ -147,7 +151,7 @@ class Replica:
             missing = self.store.missing_pieces(account, candidates) if candidates else set()
             uploaded_bytes = self._upload(snapshot.root, account, entries, missing)
             expected = head.generation if head else None
-            generation = max([expected or 0, *self.store.list_generations(account)]) + 1
+            generation = (expected or 0) + 1
             manifest = Manifest(
                 account, generation, _now(), socket.gethostname(), digest, tuple(entries)
             )
@@ -158,14 +162,17 @@ class Replica:
                 manifest = Manifest(
                     account, generation, manifest.created_at, manifest.host, digest, tuple(entries)
                 )
-            history = (generation, *(head.history if head else ()))[: self.keep_generations]
+            old_history = head.history if head else ()
+            history = (generation, *old_history)[: self.keep_generations]
             self.store.switch_head(
                 account,
                 expected,
                 Head(generation, digest, key.key_id, "active", _now(), writer_name(), history),
             )
             self._head_pieces[account] = (generation, frozenset(all_ids))
-            collected = self._collect_garbage_locked(account)
+            self._pieces_of[(account, generation)] = frozenset(all_ids)
+            fell_off = tuple(g for g in old_history if g not in history)
+            collected = self._collect_after_commit(account, fell_off)
         return CommitResult(
             account,
             generation,
@@ -201,23 +208,66 @@ class Replica:
         return uploaded
 
     # --- retention ----------------------------------------------------------------------------
+    # After a commit, only the generations that fell off the head's history are dropped, with
+    # the pieces no kept generation uses (known from memory, or a few manifest reads): no
+    # listing. A full collection (list every manifest and piece, drop leftovers of crashed
+    # commits) runs on an account's first commit in this process and then once a day.
 
     def collect_garbage(self, account: str) -> GcResult:
         with self.store.account_lock(account):
             return self._collect_garbage_locked(account)
 
-    def _collect_garbage_locked(self, account: str) -> GcResult:
+    def _collect_after_commit(self, account: str, fell_off: tuple[int, ...]) -> GcResult:
+        last_full = self._last_full_gc.get(account)
+        if last_full is None or time.monotonic() - last_full > FULL_GC_EVERY_S:
+            return self._collect_garbage_locked(account)
+        if not fell_off:
+            return GcResult()
         head = self.store.read_head(account)
         if head is None:
             return GcResult(skipped="no head")
+        try:
+            kept = set().union(*(self._pieces_in(account, g) for g in head.history))
+            dropping = set().union(*(self._pieces_in(account, g) for g in fell_off))
+        except WadaemonError as exc:
+            msg = f"cannot read a generation ({exc}); no piece collected"
+            log.warning("%s: %s", account, msg)
+            return GcResult(skipped=msg)
+        for g in fell_off:
+            self.store.delete_manifest(account, g)
+            self._pieces_of.pop((account, g), None)
+        unreferenced = dropping - kept
+        for piece_id in unreferenced:
+            self.store.delete_piece(account, piece_id)
+        return GcResult(fell_off, len(unreferenced))
+
+    def _pieces_in(self, account: str, generation: int) -> frozenset[str]:
+        cached = self._pieces_of.get((account, generation))
+        if cached is None:
+            m = self.load_manifest(account, generation)
+            cached = frozenset(p for f in m.files for p in f.pieces)
+            self._pieces_of[(account, generation)] = cached
+        return cached
+
+    def _collect_garbage_locked(self, account: str) -> GcResult:
+        """Full collection: drop every manifest that is neither kept nor possibly in flight,
+        and every piece no kept generation references."""
+        head = self.store.read_head(account)
+        if head is None:
+            return GcResult(skipped="no head")
+        self._last_full_gc[account] = time.monotonic()
         keep = [g for g in head.history if g <= head.generation][: self.keep_generations]
-        # Manifests outside the head's history are leftovers of commits that crashed before
-        # switching it; we hold the account lock, so no commit is in progress.
-        dropped = tuple(g for g in self.store.list_generations(account) if g not in keep)
+        # Manifests below the head and outside its history are leftovers of commits that
+        # crashed before switching the head (it has moved past them, so no commit can still
+        # make them current). Those above the head are left alone: another writer's commit may
+        # be about to switch to them.
+        dropped = tuple(
+            g for g in self.store.list_generations(account) if g not in keep and g < head.generation
+        )
         referenced: set[str] = set()
         try:
             for g in keep:
-                referenced.update(p for f in self.load_manifest(account, g).files for p in f.pieces)
+                referenced.update(self._pieces_in(account, g))
         except WadaemonError as exc:
             msg = f"cannot read a kept generation ({exc}); no piece collected"
             log.warning("%s: %s", account, msg)
@@ -226,6 +276,7 @@ class Replica:
             return GcResult(dropped, 0, msg)
         for g in dropped:
             self.store.delete_manifest(account, g)
+            self._pieces_of.pop((account, g), None)
         unreferenced = self.store.list_pieces(account) - referenced
         for piece_id in unreferenced:
             self.store.delete_piece(account, piece_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from wadaemon.cli.common import add_config_option, keyring_for, load
+from wadaemon.store import open_store
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,11 +17,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def main(args: argparse.Namespace) -> int:
     config = load(args)
     keyring = keyring_for(config) if config.backup.target != "none" else None
+    store = open_store(config)  # builds the client (credentials checked), no network call
     print(f"{config.path}: ok")
     print(f"  sessions_path   {config.sessions_path}")
     print(f"  socket_path     {config.socket_path}")
     b = config.backup
-    target = f"directory {b.directory}" if b.target == "directory" else b.target
+    target = store.describe() if store is not None else "none (local sessions only)"
     print(
         f"  backup          {target}, debounce {b.debounce_seconds:g} s, "
         f"every {b.interval_seconds:g} s, keep {b.keep_generations} generations"
@@ -32,4 +34,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"  whatsapp        enabled={config.whatsapp.enabled}")
     if keyring is not None:
         print(f"  encryption      {keyring.describe()}")
+    if store is not None:
+        store.close()
     return 0

@@ -129,6 +129,10 @@ class Store(Protocol):
         """Write everything this store still holds back (coalesced metadata); call at shutdown."""
         ...
 
+    def close(self) -> None:
+        """flush(), then release connections; the store is not used afterwards."""
+        ...
+
 
 def sorted_desc(values: Iterable[int]) -> Iterator[int]:
     return iter(sorted(values, reverse=True))

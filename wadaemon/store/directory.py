@@ -214,3 +214,6 @@ class DirectoryStore:
 
     def flush(self) -> None:
         """Nothing is held back: every write above is durable when it returns."""
+
+    def close(self) -> None:
+        """Nothing is held back or kept open."""
