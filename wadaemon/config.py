@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from wadaemon.errors import ConfigError
+from wadaemon.private_file import read_private_file
 
 DEFAULT_CONFIG_PATH = Path("/etc/wadaemon/wadaemon.yaml")
 CONFIG_ENV = "WADAEMON_CONFIG"
@@ -297,23 +297,9 @@ def _check_credentials_file(path: Path, where: str) -> None:
         f"(`gcloud iam service-accounts keys create {path} --iam-account=ACCOUNT`), "
         f"then `chmod 600 {path}`"
     )
+    text = read_private_file(path, where, "credentials file", hint)
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: credentials file {path} not found; {hint}.") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot access the credentials file {path}: {exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{where}: the credentials file {path} is not a regular file.")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{where}: the credentials file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so "
-            f"group or others can read the service account's private key; run `chmod 600 {path}`."
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: cannot read the credentials file {path}: {exc}") from None
+        data = json.loads(text)
     except ValueError:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):

@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from wadaemon.config import Config
 from wadaemon.errors import ConfigError, DecryptError, WadaemonError
+from wadaemon.private_file import read_private_file
 
 MAGIC = b"WAD1"
 FLAG_ZLIB = 0x01
@@ -177,25 +177,7 @@ def _missing_key_hint(path: Path, old: bool) -> str:
 def read_key_file(path: Path, setting: str, *, old: bool = False) -> Key:
     """Read a key file. `setting` says where it was configured (for example
     `/etc/wadaemon/wadaemon.yaml:12: encryption.key_file`) and starts every error message."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{setting}: key file {path} not found; {_missing_key_hint(path, old)}."
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{setting}: cannot access the key file {path}: {exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{setting}: the key file {path} is not a regular file.")
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"{setting}: the key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, so group "
-            f"or others can access it; run `chmod 600 {path}`."
-        )
-    try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{setting}: cannot read the key file {path}: {exc}") from None
+    text = read_private_file(path, setting, "key file", _missing_key_hint(path, old))
     return Key.from_bytes(parse_key(text, f"{setting}: {path}"), str(path))
 
 

@@ -73,6 +73,18 @@ class Head:
         return head
 
 
+def check_head_switch(account: str, current: Head | None, expected: int | None, new: Head) -> None:
+    """The compare-and-swap rule every backend applies before switching a head."""
+    current_gen = current.generation if current else None
+    if current_gen != expected:
+        raise HeadConflict(f"{account}: head is at generation {current_gen}, expected {expected}")
+    if current is not None and new.generation < current.generation:
+        raise HeadConflict(
+            f"{account}: refusing to move the head back from generation "
+            f"{current.generation} to {new.generation}"
+        )
+
+
 class Store(Protocol):
     def describe(self) -> str: ...
 

@@ -21,7 +21,13 @@ from typing import Any
 
 from wadaemon.fsutil import atomic_create, atomic_write
 from wadaemon.layout import is_account_id
-from wadaemon.store.base import Head, HeadConflict, NotFound, StoreError, StoreUnavailable
+from wadaemon.store.base import (
+    Head,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+    check_head_switch,
+)
 
 GEN_WIDTH = 12
 
@@ -108,16 +114,7 @@ class DirectoryStore:
     def switch_head(self, account: str, expected: int | None, head: Head) -> None:
         with self._flock(account, ".head.lock"):
             current = self.read_head(account)
-            current_gen = current.generation if current else None
-            if current_gen != expected:
-                raise HeadConflict(
-                    f"{account}: head is at generation {current_gen}, expected {expected}"
-                )
-            if current is not None and head.generation < current.generation:
-                raise HeadConflict(
-                    f"{account}: refusing to move the head back from generation "
-                    f"{current.generation} to {head.generation}"
-                )
+            check_head_switch(account, current, expected, head)
             atomic_write(self.root / account / "HEAD.json", head.to_bytes())
 
     # --- pieces ---

@@ -49,7 +49,14 @@ from google.oauth2 import service_account
 from wadaemon.config import EMULATOR_ENV, Config, firestore_credentials
 from wadaemon.errors import ConfigError
 from wadaemon.layout import is_account_id
-from wadaemon.store.base import Head, HeadConflict, NotFound, StoreError, StoreUnavailable
+from wadaemon.store.base import (
+    Head,
+    HeadConflict,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+    check_head_switch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +223,7 @@ class FirestoreStore:
             snap = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
             current = Head.from_dict(snap.to_dict() or {}) if snap.exists else None
-            current_gen = current.generation if current else None
-            if current_gen != expected:
-                raise HeadConflict(
-                    f"{account}: head is at generation {current_gen}, expected {expected}"
-                )
-            if current is not None and head.generation < current.generation:
-                raise HeadConflict(
-                    f"{account}: refusing to move the head back from generation "
-                    f"{current.generation} to {head.generation}"
-                )
+            check_head_switch(account, current, expected, head)
             try:
                 if snap.exists:
                     since = self.client.write_option(last_update_time=snap.update_time)
