@@ -61,6 +61,15 @@ def read_ids(path: Path) -> list[int]:
         conn.close()
 
 
+def committed_ids(db: Path) -> list[int]:
+    """The rows of a database no process writes any more (its WAL is read too)."""
+    conn = sqlite3.connect(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
+    finally:
+        conn.close()
+
+
 @dataclass
 class Env:
     """A complete local installation in a temporary directory."""

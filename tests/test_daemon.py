@@ -6,14 +6,13 @@ import hashlib
 import json
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import WRITER, DaemonProcess, Env, make_db, read_ids, wait_until
+from conftest import WRITER, DaemonProcess, Env, committed_ids, make_db, read_ids, wait_until
 
 from wadaemon.layout import SessionsLayout
 from wadaemon.restore import Restorer
@@ -68,15 +67,6 @@ def test_live_writer_every_generation_restores_to_a_prefix(
     assert counts[0] >= 3000
     # the final backup at shutdown holds everything the writer committed
     assert counts[-1] == len(committed_ids(db))
-
-
-def committed_ids(db: Path) -> list[int]:
-    """The rows of a database no process writes any more."""
-    conn = sqlite3.connect(db)
-    try:
-        return [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
-    finally:
-        conn.close()
 
 
 def test_kill_9_at_random_moments_leaves_a_restorable_head(

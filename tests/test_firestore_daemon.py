@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import WRITER, DaemonProcess, Env, make_db, read_ids, wait_until
+from conftest import WRITER, DaemonProcess, Env, committed_ids, make_db, read_ids, wait_until
 from firestore_emulator import Emulator
 
 from wadaemon.store.firestore import FirestoreStore
@@ -45,14 +43,6 @@ def head_generation(emulator: Emulator, account: str) -> int:
     except Exception:
         return 0
     return head.generation if head else 0
-
-
-def committed_ids(db: Path) -> list[int]:
-    conn = sqlite3.connect(db)
-    try:
-        return [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
-    finally:
-        conn.close()
 
 
 def test_kill_9_mid_commit_leaves_a_restorable_head(
