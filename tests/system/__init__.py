@@ -1,0 +1,1 @@
+"""System tests of the .deb in a booted systemd; see conftest.py (not collected by default)."""
