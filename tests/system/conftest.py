@@ -128,11 +128,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     steps: list[str] = []
     for per in TIMINGS.values():
         steps += [s for s in per if s not in steps]
-    tr.write_line(f"{'step':<40}" + "".join(f"{n:>12}" for n in names))
+    tr.write_line(f"{'step':<52}" + "".join(f"{n:>12}" for n in names))
     for step in steps:
         cells = "".join(
             f"{TIMINGS[n][step]:>12.1f}" if step in TIMINGS[n] else f"{'-':>12}" for n in names
         )
-        tr.write_line(f"{step:<40}{cells}")
+        tr.write_line(f"{step:<52}{cells}")
     totals = [sum(v for k, v in TIMINGS[n].items() if not k.startswith(" ")) for n in names]
-    tr.write_line(f"{'total':<40}" + "".join(f"{t:>12.1f}" for t in totals))
+    tr.write_line(f"{'total':<52}" + "".join(f"{t:>12.1f}" for t in totals))

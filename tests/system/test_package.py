@@ -342,7 +342,9 @@ def test_hardening_keeps_ctypes_and_extensions_working(release: Release) -> None
     c.run("systemctl", "start", "wadaemon-probe.service", check=False, timeout=120)
     result = c.show("wadaemon-probe", "Result", "ExecMainStatus")
     said = c.messages("--unit=wadaemon-probe", "--identifier=wadaemon-probe")
-    release.facts["probe under the unit's hardening"] = next((m for m in said if "probe:" in m), str(said))
+    release.facts["probe under the unit's hardening"] = next(
+        (m for m in said if "probe:" in m), str(said)
+    )
     assert result == {"Result": "success", "ExecMainStatus": "0"}, (result, said)
     assert any("failures: none" in m for m in said)
 
