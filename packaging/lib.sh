@@ -41,7 +41,7 @@ host_tools() {
     need_root
     command -v apt-get >/dev/null || die "this needs a Debian or Ubuntu host (apt-get)"
     ensure_host_tools mmdebstrap:mmdebstrap systemd-nspawn:systemd-container \
-        nsenter:util-linux dpkg-deb:dpkg flock:util-linux
+        nsenter:util-linux dpkg-deb:dpkg flock:util-linux pgrep:procps
 }
 
 # release_tag RELEASE: the suffix of the package version built for it
