@@ -19,7 +19,9 @@ from conftest import DaemonProcess, Env, make_db, wait_until
 pytestmark = pytest.mark.slow
 
 
-def curl(sock: Path, url: str, method: str = "GET", user: str | None = None) -> tuple[int, str]:
+def curl(
+    sock: Path, url: str, method: str = "GET", user: str | None = None, groups: str = ""
+) -> tuple[int, str]:
     cmd = [
         "curl",
         "-s",
@@ -32,7 +34,8 @@ def curl(sock: Path, url: str, method: str = "GET", user: str | None = None) -> 
         f"http://localhost{url}",
     ]
     if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+        grouping = [f"--groups={groups}"] if groups else ["--clear-groups"]
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", *grouping, *cmd]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
     body, _, code = out.rpartition("\n")
     return int(code or 0), body  # 000: could not connect
@@ -100,6 +103,9 @@ def test_unprivileged_peer_sees_health_but_not_control(
     assert "permission denied" in json.loads(body)["error"]
     assert curl(env.socket, "/accounts/alice/backup", "POST", user=nobody)[0] == 403
     assert "denied GET /accounts to uid 65534" in running.log()
+    # a member of the daemon's group (a supplementary group, as `adduser USER wadaemon` makes)
+    member = curl(env.socket, "/accounts", user=nobody, groups=str(os.getgid()))
+    assert member[0] == 200, member
     assert running.stop() == 0
     shutil.rmtree(public)
 

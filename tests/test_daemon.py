@@ -175,9 +175,10 @@ def test_sigterm_backs_up_pending_changes_before_exit(
     daemon = daemon_factory()
     daemon.wait_for("ready")
     time.sleep(0.5)
-    state.write_text('{"v": 2}')
+    state.write_text('{"v": 3}')
     time.sleep(0.5)  # seen by the watcher, far inside the 60 s debounce
     assert env.head_generation("erin") is None
+    state.write_text('{"v": 2}')  # and a change the very moment before the signal
     assert daemon.stop() == 0
     assert env.head_generation("erin") == 1
     dest = env.root / "out"

@@ -428,3 +428,24 @@ def test_keygen_reports_a_missing_directory(tmp_path: Path) -> None:
     assert "cannot create the key file" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not path.parent.exists()
+
+
+def test_systemd_credential_mode_is_systemds_business(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd 257 hands credentials over as root-owned 0440 files readable through an ACL."""
+    from wadaemon.keyring import load_keyring
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    key = creds / "session-key"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o440)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    ring = load_keyring(tmp_path / "unused.key", [], environ={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert str(key) in ring.describe()
+    outside = tmp_path / "outside.key"
+    outside.write_text("ab" * 32 + "\n")
+    outside.chmod(0o440)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_keyring(outside, [], environ={})

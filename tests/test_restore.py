@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,37 @@ def test_generations_lists_head_first(env: Env) -> None:
     assert unknown.returncode == 1 and "no backups" in unknown.stderr
     bad = env.cli("generations", "../etc")
     assert bad.returncode == 1 and "not a valid account id" in bad.stderr
+
+
+def test_root_running_the_cli_becomes_the_owner_of_the_data(env: Env) -> None:
+    """An admin runs `wadaemon backup` as root while the daemon runs as an unprivileged user:
+    what root's command creates must stay usable by the daemon. (The package's container test
+    runs the real commands; here a forked child checks the switch itself.)"""
+    import os
+
+    from wadaemon.cli.common import become_data_owner, load
+    from wadaemon.fsutil import atomic_write
+
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root: it checks what commands run by root leave behind")
+    owner = 65534
+    public = Path(tempfile.mkdtemp(prefix="wadaemon-test-", dir="/tmp"))  # nobody can enter it
+    public.chmod(0o755)
+    env.sessions = public / "sessions"
+    env.write_config()
+    env.sessions.mkdir()
+    os.chown(env.sessions, owner, owner)
+    config = load(argparse.Namespace(config=str(env.config)))
+    pid = os.fork()
+    if pid == 0:  # the child: switch, then create a file as a command would
+        code = 1
+        try:
+            become_data_owner(config)
+            atomic_write(env.sessions / "made-by-cli", b"x")
+            code = 0 if (os.geteuid(), os.getegid(), os.getgroups()) == (owner, owner, []) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (env.sessions / "made-by-cli").stat().st_uid == owner
+    shutil.rmtree(public)

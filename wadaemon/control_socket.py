@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,33 +74,42 @@ _http_log = logging.getLogger("wadaemon.http")
 _http_log.addFilter(_BadRequestsAtDebug())
 
 
-def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of the process at the other end of the socket."""
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+; Python lacks the name
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+
+def peer_of(request: web.Request) -> Peer | None:
+    """Who is at the other end of the socket, as the kernel says (SO_PEERCRED and
+    SO_PEERGROUPS; /proc/PID/status only where the kernel lacks the latter)."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None:
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
-
-
-def _groups_of(pid: int, gid: int) -> set[int]:
     groups = {gid}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                groups.update(int(g) for g in line.split()[1:])
-    return groups
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    return Peer(pid, uid, gid, frozenset(groups))
 
 
-def is_privileged(creds: tuple[int, int, int] | None) -> bool:
+def is_privileged(peer: Peer | None) -> bool:
     """Root, the daemon's own user, or a member of the daemon's group."""
-    if creds is None:
+    if peer is None:
         return False
-    pid, uid, gid = creds
-    if uid in (0, os.getuid()):
-        return True
-    return os.getgid() in _groups_of(pid, gid)
+    return peer.uid in (0, os.getuid()) or os.getgid() in peer.groups
 
 
 def _json(status: int, body: Any) -> web.Response:
@@ -143,9 +153,9 @@ class ControlServer:
 
     def _privileged(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            creds = peer_credentials(request)
-            if not is_privileged(creds):
-                uid = creds[1] if creds else "unknown"
+            peer = peer_of(request)
+            if not is_privileged(peer):
+                uid = peer.uid if peer else "unknown"
                 log.warning(
                     "control socket: denied %s %s to uid %s", request.method, request.path, uid
                 )

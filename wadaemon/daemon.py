@@ -35,7 +35,7 @@ from wadaemon.replica import Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
 from wadaemon.state import DaemonState, iso_time
 from wadaemon.store import StoreError, open_store
-from wadaemon.watcher import SessionWatcher
+from wadaemon.watcher import REPORT_LATENCY_S, SessionWatcher
 
 log = logging.getLogger("wadaemon")
 
@@ -144,6 +144,8 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.status(status_line(self.state))
         log.info("stopping: final backups of changed accounts")
+        if self.engine is not None:
+            await asyncio.sleep(REPORT_LATENCY_S)  # changes made just before the signal
         await self.scheduler.flush()
         if self.replica is not None:
             try:

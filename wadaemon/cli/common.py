@@ -45,7 +45,27 @@ def open_replica(args: argparse.Namespace) -> Context:
             f"{config.path}: backup.target is none, so there are no backups; set it to directory"
         )
     replica = Replica(store, keyring_for(config), config.backup.keep_generations)
+    become_data_owner(config)
     return Context(config, SessionsLayout(config.sessions_path), replica)
+
+
+def become_data_owner(config: Config) -> None:
+    """Run as root, switch to the user who owns the sessions (or the backups) once the secrets
+    are read, so that files this command creates belong to the daemon's user, not to root: a
+    root-owned file in the backup directory would lock the daemon out of that account."""
+    if os.geteuid() != 0:
+        return
+    for path in (config.sessions_path, config.backup.directory):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if st.st_uid == 0:
+            return
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+        return
 
 
 def accounts_arg(ctx: Context, given: list[str], *, local: bool) -> list[str]:
