@@ -95,7 +95,8 @@ def peer_of(request: web.Request) -> Peer | None:
     pid, uid, gid = struct.unpack("3i", raw)
     groups = {gid}
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # 1024 bytes (256 groups) is the most Python's getsockopt accepts; more: /proc
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
     except OSError:
         with contextlib.suppress(OSError):

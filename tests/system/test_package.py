@@ -391,6 +391,11 @@ def test_backup_then_restore_before_ready(release: Release) -> None:
     ready = index_of(entries, r"^ready: ", restored)
     index_of(entries, r"Started wadaemon\.service", ready)
 
+    # an admin's one-shot commands, run as root, leave every file to the daemon's user
+    c.run("wadaemon", "backup", ACCOUNT)
+    c.run("wadaemon", "verify", ACCOUNT)
+    assert c.run("find", BACKUPS, SESSIONS, "!", "-user", "wadaemon").stdout == ""
+
 
 def test_reload(release: Release) -> None:
     c = release.container
