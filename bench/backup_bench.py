@@ -107,9 +107,11 @@ def human(n: float) -> str:
 
 def backup_row(name: str, label: str, results: list[BackupResult], note: str = "") -> Row:
     commits = [r.commit for r in results if r.commit is not None]
-    up = [float(c.uploaded_pieces) for c in commits]
-    pieces = f"{spread(up, lambda v: f'{v:g}')}/{commits[0].pieces}"
-    uploaded = spread([float(c.uploaded_bytes) for c in commits], human)
+    pieces, uploaded = "", "0 KiB"  # no commit at all: the directory's fingerprint matched
+    if commits:
+        up = [float(c.uploaded_pieces) for c in commits]
+        pieces = f"{spread(up, lambda v: f'{v:g}')}/{commits[0].pieces}"
+        uploaded = spread([float(c.uploaded_bytes) for c in commits], human)
     seconds = spread([r.seconds for r in results], lambda v: f"{v:.3f}")
     return (name, label, str(len(results)), seconds, pieces, uploaded, note)
 
@@ -127,7 +129,12 @@ def bench_library(work: Path, template: Path, label: str, runs: int, rows: int) 
     out.append(backup_row("full first backup", label, firsts))
     again = [engine.backup(ACCOUNT) for _ in range(runs)]
     created = sum(r.status != "unchanged" for r in again)
-    out.append(backup_row("unchanged re-backup", label, again, f"{created} generations created"))
+    note = f"{created} generations created; files' size, mtime and inode unchanged: no snapshot"
+    out.append(backup_row("unchanged re-backup", label, again, note))
+    forced = [engine.backup(ACCOUNT, force=True) for _ in range(runs)]
+    created = sum(r.status != "unchanged" for r in forced)
+    note = f"{created} generations created; snapshot and compare, as the safety pass does"
+    out.append(backup_row("unchanged, forced", label, forced, note))
     for what, update in (("insert", False), ("update", True)):
         results = []
         for _ in range(runs):
