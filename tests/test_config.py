@@ -72,7 +72,7 @@ def assert_defaults(config: Config) -> None:
     assert config.backup.keep_generations == 5
     assert config.restore.on_boot is True
     assert config.restore.timeout_seconds == 120.0
-    assert config.restore.parallelism == 4
+    assert config.restore.parallelism == 8
     assert config.whatsapp.enabled is True
 
 

@@ -308,3 +308,36 @@ def test_account_record_follows_backups_and_restores(
     wait_until(lambda: bool((store.read_account("gina") or {}).get("lastRestoreAt")))
     assert (store.read_account("gina") or {})["generation"] == 1
     assert daemon.stop() == 0
+
+
+def test_final_backup_covers_changes_the_watcher_missed(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    state = env.sessions / "ivan" / "creds.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"v": 1}')
+    daemon = daemon_factory(env, {"WADAEMON_FAULTS": "1"})
+    daemon.wait_for("ready")
+    wait_until(lambda: env.head_generation("ivan") == 1)
+    time.sleep(2.5)  # the fingerprint of generation 1 is trusted from now on
+    subprocess.run(
+        [
+            "curl",
+            "-sf",
+            "-X",
+            "POST",
+            "--unix-socket",
+            str(env.socket),
+            "http://localhost/debug/hang/watcher?seconds=600",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    time.sleep(0.5)
+    state.write_text('{"v": 22}')  # the watcher is not watching: nobody reports this change
+    time.sleep(0.5)
+    assert daemon.stop() == 0
+    assert env.head_generation("ivan") == 2
+    dest = env.root / "out"
+    env.cli("restore", "ivan", "--to", str(dest), check=True)
+    assert json.loads((dest / "creds.json").read_text()) == {"v": 22}

@@ -1,10 +1,12 @@
 """When to back up each account: debounce, coalescing, retries, and the final flush.
 
-A change starts a quiet-period timer of `debounce` seconds, restarted by every further change
-but never delaying a backup more than `MAX_DELAY_FACTOR` x `debounce` after the first change, so
-an account written continuously is still backed up every few seconds. Changes that arrive while
-a backup runs cause exactly one more backup. A failed backup is retried with exponential backoff
-and jitter; only the newest state matters, so retries never queue up.
+A change opens a window of `debounce` seconds; every change made in it goes into one backup that
+starts when the window closes. So no change waits longer than `debounce` for its backup to
+start, a burst becomes one generation per window, and an account written continuously is backed
+up once per window (a quiet-period timer restarted by every change would keep postponing it).
+Changes that arrive while a backup runs cause exactly one more backup. A failed backup is
+retried with exponential backoff and jitter; only the newest state matters, so retries never
+queue up.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-MAX_DELAY_FACTOR = 3.0
 RETRY_FIRST_S = 2.0
 RETRY_MAX_S = 300.0
 
@@ -28,7 +29,6 @@ RETRY_MAX_S = 300.0
 class _Account:
     dirty: bool = False
     first_change: float | None = None
-    last_change: float = 0.0
     running: bool = False
     failures: int = 0
     retry_now: bool = False
@@ -51,7 +51,6 @@ class BackupScheduler:
         now = time.monotonic()
         if st.first_change is None:
             st.first_change = now
-        st.last_change = now
         st.dirty = True
         if st.task is None or st.task.done():
             st.task = asyncio.create_task(self._worker(account, st), name=f"backup-{account}")
@@ -74,10 +73,7 @@ class BackupScheduler:
         while st.dirty:
             while not self._flushing:
                 assert st.first_change is not None
-                deadline = min(
-                    st.last_change + self.debounce,
-                    st.first_change + self.debounce * MAX_DELAY_FACTOR,
-                )
+                deadline = st.first_change + self.debounce
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -102,7 +98,7 @@ class BackupScheduler:
             )
             if not st.dirty:
                 st.dirty = True
-                st.first_change = st.last_change = time.monotonic()
+                st.first_change = time.monotonic()
             await self._sleep_retry(st, delay)
 
     async def _sleep_retry(self, st: _Account, seconds: float) -> None:
@@ -110,7 +106,7 @@ class BackupScheduler:
         st.retry_now = False
         while not self._flushing and not st.retry_now and time.monotonic() < end:
             await self._sleep_unless_woken(st, end - time.monotonic())
-        st.first_change = st.last_change = time.monotonic() - self.debounce * MAX_DELAY_FACTOR
+        st.first_change = time.monotonic() - self.debounce
 
     def retry_now(self) -> None:
         """End every retry wait at once (the store that failed answers again)."""

@@ -120,7 +120,7 @@ SCHEMA: Schema = {
     "restore": {
         "on_boot": ("bool", True),
         "timeout_seconds": ("float>0", 120.0),
-        "parallelism": ("int>=1", 4),
+        "parallelism": ("int>=1", 8),
     },
     "whatsapp": {
         "enabled": ("bool", True),

@@ -42,6 +42,7 @@ log = logging.getLogger("wadaemon")
 MAX_CONCURRENT_BACKUPS = 4
 HEARTBEAT_S = 0.5
 STATUS_EVERY_S = 2.0
+FULL_PASS_EVERY_S = 24 * 3600.0
 STORE_PROBE_EVERY_S = 10.0
 OUTAGE_LOG_EVERY_S = 60.0
 RESTORE_RETRY_FIRST_S = 5.0
@@ -146,6 +147,8 @@ class Daemon:
         log.info("stopping: final backups of changed accounts")
         if self.engine is not None:
             await asyncio.sleep(REPORT_LATENCY_S)  # changes made just before the signal
+            # and anything the watcher did not report: a clean account costs a stat per file
+            self._pass("final")
         await self.scheduler.flush()
         if self.replica is not None:
             try:
@@ -465,9 +468,16 @@ class Daemon:
             self._changed(account)
 
     async def _periodic(self) -> None:
+        """The safety pass: catches what the watcher missed. It trusts the stat fingerprints
+        (an unchanged account costs a stat per file); once a day it snapshots every account
+        regardless, in case a file changed behind an unchanged size, mtime and inode."""
+        last_full = time.monotonic()
         while True:
             await asyncio.sleep(self.config.backup.interval_seconds)
-            self._pass("periodic", force=True)
+            full = time.monotonic() - last_full >= FULL_PASS_EVERY_S
+            if full:
+                last_full = time.monotonic()
+            self._pass("periodic", force=full)
 
     def _store_failed(self, exc: BaseException) -> None:
         store = self.state.store
