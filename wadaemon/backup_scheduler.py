@@ -57,9 +57,6 @@ class BackupScheduler:
         else:
             st.wake.set()
 
-    def pending(self) -> list[str]:
-        return sorted(a for a, st in self._accounts.items() if st.dirty or st.running)
-
     def failures(self, account: str) -> int:
         st = self._accounts.get(account)
         return st.failures if st else 0

@@ -189,7 +189,6 @@ class Daemon:
             await asyncio.sleep(max(0.0, expected - time.monotonic()))
             now = time.monotonic()
             self.state.loop_lag = max(0.0, now - expected)
-            self.state.last_loop_tick = now
             expected = now + HEARTBEAT_S
             if interval is not None and now - last_ping >= interval:
                 checks = self.core()

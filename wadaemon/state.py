@@ -41,7 +41,6 @@ class DaemonState:
     accounts: dict[str, AccountState] = field(default_factory=dict)
     store: StoreState = field(default_factory=lambda: StoreState("none"))
     loop_lag: float = 0.0
-    last_loop_tick: float = field(default_factory=time.monotonic)
 
     def account(self, name: str) -> AccountState:
         if name not in self.accounts:

@@ -24,7 +24,6 @@ class SessionWatcher:
     def __init__(self, layout: SessionsLayout, on_change: Callable[[str], None]) -> None:
         self.layout = layout
         self.on_change = on_change
-        self.batches = 0
         self.down_since: float | None = time.monotonic()  # monotonic; None while watching
         self._interrupt = asyncio.Event()
         self._suspended_until = 0.0
@@ -62,7 +61,6 @@ class SessionWatcher:
                     ):
                         if not changes:
                             continue
-                        self.batches += 1
                         accounts = {self.layout.account_of(p) for _, p in changes}
                         for account in sorted(a for a in accounts if a is not None):
                             self.on_change(account)

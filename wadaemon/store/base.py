@@ -9,7 +9,7 @@ plaintext and never decide anything: the replica does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -144,7 +144,3 @@ class Store(Protocol):
     def close(self) -> None:
         """flush(), then release connections; the store is not used afterwards."""
         ...
-
-
-def sorted_desc(values: Iterable[int]) -> Iterator[int]:
-    return iter(sorted(values, reverse=True))
