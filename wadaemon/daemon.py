@@ -35,7 +35,7 @@ from wadaemon.replica import Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
 from wadaemon.state import DaemonState, iso_time
 from wadaemon.store import StoreError, open_store
-from wadaemon.watcher import REPORT_LATENCY_S, SessionWatcher
+from wadaemon.watcher import SessionWatcher
 
 log = logging.getLogger("wadaemon")
 
@@ -146,8 +146,8 @@ class Daemon:
         self.notifier.status(status_line(self.state))
         log.info("stopping: final backups of changed accounts")
         if self.engine is not None:
-            await asyncio.sleep(REPORT_LATENCY_S)  # changes made just before the signal
-            # and anything the watcher did not report: a clean account costs a stat per file
+            # Changes the watcher has not reported (it stops with the signal, and may have
+            # missed some): compared with the fingerprints, a clean account costs a stat per file.
             self._pass("final")
         await self.scheduler.flush()
         if self.replica is not None:

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 GROUP_MS = 200  # longest time watchfiles groups changes before handing them over
 QUIET_MS = 20  # handed over once no new change arrived for this long
-REPORT_LATENCY_S = (GROUP_MS + QUIET_MS) / 1000  # longest delay from a change to its report
 RESTART_DELAY_S = 1.0
 
 
