@@ -117,6 +117,16 @@ class Env:
             raise AssertionError(f"wadaemon {args} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
+    def rotate_key(self) -> None:
+        """A new current key; the old one stays in the keyring for decryption only."""
+        old = self.root / "old.key"
+        self.key.rename(old)
+        write_new_key(self.key)
+        text = self.config.read_text().replace(
+            f"  key_file: {self.key}\n", f"  key_file: {self.key}\n  old_key_files: [{old}]\n"
+        )
+        self.config.write_text(text)
+
     def replica(self, keyring: Keyring | None = None) -> Replica:
         from wadaemon.keyring import load_keyring
 

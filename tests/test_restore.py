@@ -118,13 +118,7 @@ def test_wrong_key_is_a_clear_error_and_local_is_untouched(env: Env) -> None:
 
 def test_old_key_in_keyring_restores_after_rotation(env: Env) -> None:
     db = two_generations(env)
-    old = env.root / "old.key"
-    env.key.rename(old)
-    write_new_key(env.key)
-    text = env.config.read_text().replace(
-        f"  key_file: {env.key}\n", f"  key_file: {env.key}\n  old_key_files: [{old}]\n"
-    )
-    env.config.write_text(text)
+    env.rotate_key()
     shutil.rmtree(db.parent)
     proc = env.cli("restore", "alice")
     assert proc.returncode == 0, proc.stderr

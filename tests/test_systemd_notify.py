@@ -237,20 +237,13 @@ def test_sighup_reloads_a_valid_file_and_keeps_running_on_an_invalid_one(
 def test_sighup_applies_a_new_key_for_rotation(
     env: Env, daemon_factory: type[DaemonProcess], notify: NotifySocket
 ) -> None:
-    from wadaemon.keyring import write_new_key
 
     state = env.sessions / "carol" / "creds.json"
     state.parent.mkdir(parents=True)
     state.write_text('{"v": 1}')
     daemon = start(env, daemon_factory, notify, 0)
     wait_until(lambda: env.head_generation("carol") == 1)
-    old = env.root / "old.key"
-    env.key.rename(old)
-    write_new_key(env.key)
-    text = env.config.read_text().replace(
-        f"  key_file: {env.key}\n", f"  key_file: {env.key}\n  old_key_files: [{old}]\n"
-    )
-    env.config.write_text(text)
+    env.rotate_key()
     daemon.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: "reload: new encryption key" in daemon.log())
     state.write_text('{"v": 2}')

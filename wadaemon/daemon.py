@@ -229,7 +229,7 @@ class Daemon:
 
     def _log_outage(self) -> None:
         store = self.state.store
-        since = time.time() - (store.last_error_at or time.time())
+        since = time.time() - (store.unreachable_since or time.time())
         now = time.monotonic()
         waiting = [a for a in self.state.accounts.values() if a.pending_since is not None]
         oldest = max((now - a.pending_since for a in waiting if a.pending_since), default=0.0)
@@ -482,9 +482,9 @@ class Daemon:
         store = self.state.store
         if store.reachable:
             log.error("backup store %s unreachable: %s", store.target, exc)
+            store.unreachable_since = time.time()
         store.reachable = False
         store.last_error = str(exc)
-        store.last_error_at = time.time()
         self.metrics.store_errors.inc()
 
     def _store_ok(self) -> None:

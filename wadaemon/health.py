@@ -84,7 +84,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
     elif store.reachable:
         checks["store"] = Check("ok", f"{store.target} reachable")
     else:
-        since = f" since {_ago(now, store.last_error_at)}" if store.last_error_at else ""
+        since = f" since {_ago(now, store.unreachable_since)}" if store.unreachable_since else ""
         checks["store"] = Check(
             "degraded", f"{store.target} unreachable{since}: {store.last_error}"
         )

@@ -28,7 +28,7 @@ class StoreState:
     target: str
     reachable: bool = True
     last_error: str = ""
-    last_error_at: float | None = None
+    unreachable_since: float | None = None  # wall clock, start of the current outage
     last_ok_at: float | None = None
 
 
