@@ -69,6 +69,10 @@ class RestoreConfig:
 @dataclass(frozen=True)
 class WhatsAppConfig:
     enabled: bool
+    log_level: str = "warning"  # whatsmeow's own log level
+    pairing_timeout_seconds: float = 180.0
+    retry_after_logout: bool = True
+    health_check_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,10 @@ SCHEMA: Schema = {
     },
     "whatsapp": {
         "enabled": ("bool", True),
+        "log_level": ("choice:" + "|".join(LOG_LEVELS), "warning"),
+        "pairing_timeout_seconds": ("float>0", 180.0),
+        "retry_after_logout": ("bool", True),
+        "health_check_seconds": ("float>0", 60.0),
     },
 }
 
@@ -220,7 +228,13 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             timeout_seconds=float(rst["timeout_seconds"]),
             parallelism=int(rst["parallelism"]),
         ),
-        whatsapp=WhatsAppConfig(enabled=wa["enabled"]),
+        whatsapp=WhatsAppConfig(
+            enabled=wa["enabled"],
+            log_level=wa["log_level"],
+            pairing_timeout_seconds=float(wa["pairing_timeout_seconds"]),
+            retry_after_logout=wa["retry_after_logout"],
+            health_check_seconds=float(wa["health_check_seconds"]),
+        ),
         lines=lines,
     )
     _check_consistency(config, src, environ)

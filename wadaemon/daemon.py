@@ -1,8 +1,9 @@
 """The daemon's lifecycle, in the manner of uvicorn's Server:
 
 lock the sessions directory → open the control socket → restore phase → watcher, periodic
-pass → READY=1 → main loop (heartbeat: watchdog pings gated on health, STATUS) →
-SIGTERM: STOPPING=1, final backups of changed accounts, exit 0.
+pass → WhatsApp clients (one at a time) → READY=1 → main loop (heartbeat: watchdog pings gated
+on health, STATUS) → SIGTERM: STOPPING=1, stop the clients, final backups of changed accounts,
+exit 0.
 SIGHUP: RELOADING=1, reload what can change live, READY=1.
 """
 
@@ -12,12 +13,14 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wadaemon import __version__
 from wadaemon.backup import BackupEngine
@@ -33,9 +36,13 @@ from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
 from wadaemon.replica import Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
-from wadaemon.state import DaemonState, iso_time
+from wadaemon.state import AccountState, DaemonState, iso_time
 from wadaemon.store import StoreError, open_store
 from wadaemon.watcher import SessionWatcher
+from wadaemon.whatsapp.pairing import Pairing
+
+if TYPE_CHECKING:
+    from wadaemon.whatsapp.supervisor import Supervisor
 
 log = logging.getLogger("wadaemon")
 
@@ -47,6 +54,7 @@ STORE_PROBE_EVERY_S = 10.0
 OUTAGE_LOG_EVERY_S = 60.0
 RESTORE_RETRY_FIRST_S = 5.0
 RESTORE_RETRY_MAX_S = 300.0
+RECORD_COALESCE_S = 1.0  # account records: at most one write per account per second
 FAULTS_ENV = "WADAEMON_FAULTS"  # "1" enables POST /debug/hang/{loop,watcher,backup} (tests only)
 
 
@@ -92,6 +100,15 @@ class Daemon:
         self._probe: asyncio.Task[None] | None = None
         self._last_ping_ok = True
         self._host = socket.gethostname()
+        self._held: set[str] = set()  # accounts whose backups wait (pairing, logout handling)
+        self._held_changed: set[str] = set()
+        self._restore_locks: dict[str, asyncio.Lock] = {}
+        self._pending_records: dict[str, dict[str, object]] = {}
+        self.supervisor: Supervisor | None = None
+        if config.whatsapp.enabled:
+            from wadaemon.whatsapp.supervisor import Supervisor
+
+            self.supervisor = Supervisor(self, config.whatsapp)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -108,11 +125,8 @@ class Daemon:
             self.layout.root,
             self.state.target,
         )
-        if self.config.whatsapp.enabled:
-            log.warning(
-                "whatsapp.enabled is true, but this version does not run WhatsApp clients yet; "
-                "protecting the session directories only (sidecar mode)"
-            )
+        if self.supervisor is None:
+            log.info("whatsapp.enabled is false: sidecar mode, protecting the session directories")
         for account in self.layout.local_accounts():
             self.state.account(account)
         await self.control.start()
@@ -135,6 +149,8 @@ class Daemon:
             self._pass("startup", force=True)
         else:
             self.watcher.down_since = None
+        if self.supervisor is not None and not self.stop_event.is_set():
+            self.supervisor.start(self._restored_accounts())
         if not self.stop_event.is_set():
             self.state.phase = "running"
             log.info("ready: %s", status_line(self.state))
@@ -144,7 +160,10 @@ class Daemon:
         self.state.phase = "stopping"
         self.notifier.stopping()
         self.notifier.status(status_line(self.state))
+        if self.supervisor is not None:
+            await self.supervisor.stop()
         log.info("stopping: final backups of changed accounts")
+        self._held.clear()
         if self.engine is not None:
             # Changes the watcher has not reported (it stops with the signal, and may have
             # missed some): compared with the fingerprints, a clean account costs a stat per file.
@@ -391,24 +410,43 @@ class Daemon:
     ) -> None:
         assert self.restorer is not None
         delay = RESTORE_RETRY_FIRST_S
-        loop = asyncio.get_running_loop()
         while not self.stop_event.is_set():
-            try:
-                outcome = await loop.run_in_executor(
-                    self._restore_pool, self.restorer.restore_account, account
-                )
-            except Exception as exc:  # a bug, not an expected failure: report it, keep going
-                log.exception("%s: restore failed unexpectedly", account)
-                outcome = RestoreOutcome(account, "failed", detail=repr(exc))
-            self._record_restore(outcome)
+            outcome = await self._restore(account)
             if not first.done():
                 first.set_result(outcome)
+            supervising = self.supervisor is not None and self.supervisor.started
+            if outcome.ok and supervising and account in self.state.accounts:
+                assert self.supervisor is not None
+                self.supervisor.add(account)  # its client waited for this first restore
             if outcome.ok or self.stop_event.is_set():
                 return
             wait = delay * random.uniform(0.5, 1.0)
             log.warning("%s: retrying the restore in %.0f s", account, wait)
             await self._pause(wait)
             delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+
+    async def _restore(self, account: str) -> RestoreOutcome:
+        """One restore attempt (if the local session needs it); one at a time per account."""
+        assert self.restorer is not None
+        lock = self._restore_locks.setdefault(account, asyncio.Lock())
+        async with lock:
+            try:
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._restore_pool, self.restorer.restore_account, account
+                )
+            except Exception as exc:  # a bug, not an expected failure: report it, keep going
+                log.exception("%s: restore failed unexpectedly", account)
+                outcome = RestoreOutcome(account, "failed", detail=repr(exc))
+        self._record_restore(outcome)
+        return outcome
+
+    def _restored_accounts(self) -> list[str]:
+        """Accounts whose clients may start: boot restore finished (or never needed)."""
+        return sorted(
+            a
+            for a in self.state.accounts
+            if (a not in self._first_restores or self._first_restores[a].done())
+        )
 
     def _record_restore(self, outcome: RestoreOutcome) -> None:
         st = self.state.account(outcome.account)
@@ -418,6 +456,11 @@ class Daemon:
             self.metrics.restores.labels("restored").inc()
         elif not outcome.ok:
             self.metrics.restores.labels("failed").inc()
+        removed = outcome.head_state == "removed"
+        if removed and not self.layout.account_dir(outcome.account).exists():
+            self.state.accounts.pop(outcome.account, None)  # removed on purpose: not an account
+            log.debug("restore: %s", outcome.line())
+            return
         if outcome.ok:
             exists = self.layout.account_dir(outcome.account).is_dir()
             st.state = "protected" if exists else "missing"
@@ -435,6 +478,22 @@ class Daemon:
                 fields["lastRestoreError"] = outcome.detail[:1000]
             self._spawn(self._record(outcome.account, fields), "record")
 
+    def record(self, account: str, fields: dict[str, object]) -> None:
+        """Merge fields into the account's record soon (at most one write per second)."""
+        if self.replica is None:
+            return
+        pending = self._pending_records.get(account)
+        if pending is not None:
+            pending.update(fields)
+            return
+        self._pending_records[account] = dict(fields)
+        self._spawn(self._write_record_later(account), f"record-{account}")
+
+    async def _write_record_later(self, account: str) -> None:
+        await asyncio.sleep(RECORD_COALESCE_S)
+        fields = self._pending_records.pop(account, {})
+        await self._record(account, {"host": self._host, **fields})
+
     async def _record(self, account: str, fields: dict[str, object]) -> None:
         """Update the account's metadata record in the store (accounts/{id} in Firestore)."""
         if self.replica is None:
@@ -450,6 +509,8 @@ class Daemon:
     # --- backups -----------------------------------------------------------------------------
 
     def _changed(self, account: str) -> None:
+        if self.supervisor is not None:
+            self.supervisor.session_changed(account)
         st = self.state.account(account)
         st.last_change_at = time.time()
         if st.pending_since is None:
@@ -505,6 +566,11 @@ class Daemon:
     async def _backup(self, account: str) -> bool:
         assert self.engine is not None
         st = self.state.account(account)
+        if account in self._held:
+            self._held_changed.add(account)
+            st.pending_since = None
+            log.debug("%s: backup held (pairing or logout in progress)", account)
+            return True
         force = account in self._force
         self._force.discard(account)
         async with self._backup_slots:
@@ -608,3 +674,124 @@ class Daemon:
             return {"error": f"unknown part {part!r}: loop, watcher or backup"}
         log.warning("fault injected: %s hangs for %.0f s", part, seconds)
         return {"part": part, "seconds": seconds}
+
+    # --- what the WhatsApp account runners ask of the daemon (RunnerHost) ---------------------
+
+    def account_state(self, account: str) -> AccountState:
+        return self.state.account(account)
+
+    def account_dir(self, account: str) -> Path:
+        return self.layout.account_dir(account)
+
+    def can_restore(self) -> bool:
+        return self.restorer is not None
+
+    async def restore_missing(self, account: str) -> tuple[str, str]:
+        outcome = await self._restore(account)
+        return outcome.status, outcome.line()
+
+    async def backup_at_once(self, account: str, why: str) -> dict[str, Any]:
+        if self.engine is None:
+            return {"account": account, "ok": True, "result": "off", "generation": None}
+        log.info("%s: backing up at once (%s)", account, why)
+        self._force.add(account)
+        ok = await self._backup(account)
+        st = self.state.account(account)
+        return {
+            "account": account,
+            "ok": ok,
+            "result": st.last_backup_result,
+            "generation": st.last_backup_generation,
+            "error": st.last_error or None,
+        }
+
+    def hold_backups(self, account: str, held: bool) -> None:
+        if held:
+            self._held.add(account)
+        elif account in self._held:
+            self._held.discard(account)
+            if account in self._held_changed:
+                self._held_changed.discard(account)
+                self._changed(account)
+
+    def quarantine(self, account: str, reason: str) -> Path | None:
+        if not self.layout.account_dir(account).exists():
+            return None
+        return self.layout.move_to_quarantine(account, reason)
+
+    async def mark_head(self, account: str, state: str) -> None:
+        """Mark the backup head; retried until the store takes it (a head left `active` after a
+        logout would let an instance restore a dead session)."""
+        if self.replica is None:
+            return
+        replica = self.replica
+        delay = RESTORE_RETRY_FIRST_S
+        while True:
+            try:
+                head = await asyncio.to_thread(replica.set_head_state, account, state)
+            except (WadaemonError, OSError) as exc:
+                self._store_failed(exc)
+                log.warning(
+                    "%s: cannot mark the backup %s yet (%s); retrying in %.0f s",
+                    account,
+                    state,
+                    exc,
+                    delay,
+                )
+                await self._pause(delay)
+                delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+                if self.stop_event.is_set():
+                    log.error("%s: stopping before the backup was marked %s", account, state)
+                    return
+                continue
+            if head is not None:
+                log.info(
+                    "%s: backup marked %s; its %d generations are kept",
+                    account,
+                    state,
+                    len(head.history),
+                )
+            return
+
+    # --- accounts (control socket) -------------------------------------------------------------
+
+    def pair(self, account: str, phone: str | None) -> Pairing:
+        if self.supervisor is None:
+            raise WadaemonError(
+                "whatsapp.enabled is false (sidecar mode): this daemon runs no WhatsApp clients, "
+                "pair with the program that owns the sessions"
+            )
+        return self.supervisor.pair(account, phone)
+
+    async def remove(self, account: str) -> dict[str, Any]:
+        """Log out, stop the client, delete the remote backup, then the local session."""
+        known = account in self.state.accounts or self.layout.account_dir(account).exists()
+        if not known:
+            raise WadaemonError(f"{account}: no such account")
+        said = "no WhatsApp client (sidecar mode)"
+        if self.supervisor is not None:
+            said = await self.supervisor.remove(account)
+        self._held.add(account)  # no backup of a session being deleted
+        deleted = 0
+        if self.replica is not None:
+            try:
+                deleted = await asyncio.to_thread(self.replica.remove_account, account)
+            except (WadaemonError, OSError) as exc:
+                self._held.discard(account)
+                raise WadaemonError(
+                    f"{account}: cannot delete the backups ({exc}); the local session is kept, "
+                    "run the command again once the store answers"
+                ) from None
+        path = self.layout.account_dir(account)
+        if path.exists():
+            await asyncio.to_thread(shutil.rmtree, path)
+        self.state.accounts.pop(account, None)
+        self._held.discard(account)
+        await self._record(account, {"status": "removed", "removedAt": iso_time(time.time())})
+        log.warning(
+            "%s: removed: %s; %d backup objects and the local session deleted",
+            account,
+            said,
+            deleted,
+        )
+        return {"account": account, "removed": True, "logout": said, "deleted": deleted}

@@ -12,6 +12,7 @@ delete a piece that a concurrent commit has just decided to reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -162,7 +163,9 @@ class Replica:
                 manifest = Manifest(
                     account, generation, manifest.created_at, manifest.host, digest, tuple(entries)
                 )
-            old_history = head.history if head else ()
+            # a head that is not active (logged out, removed) ended that session's history: its
+            # generations hold a dead session and must never be restored behind the new one
+            old_history = head.history if head and head.state == "active" else ()
             history = (generation, *old_history)[: self.keep_generations]
             self.store.switch_head(
                 account,
@@ -184,6 +187,43 @@ class Replica:
             uploaded_bytes,
             collected,
         )
+
+    def set_head_state(self, account: str, state: str) -> Head | None:
+        """Mark the head (active, logged_out, removed), keeping its generation and history."""
+        with self.store.account_lock(account):
+            head = self.store.read_head(account)
+            if head is None or head.state == state:
+                return head
+            new = dataclasses.replace(head, state=state, updated_at=_now(), writer=writer_name())
+            self.store.switch_head(account, head.generation, new)
+            return new
+
+    def remove_account(self, account: str) -> int:
+        """Delete every backup of the account; the head stays as a `removed` tombstone, so that
+        no instance restores the account and generation numbers keep increasing. Returns the
+        number of objects deleted."""
+        deleted = 0
+        with self.store.account_lock(account):
+            head = self.store.read_head(account)
+            if head is not None:
+                tomb = dataclasses.replace(
+                    head,
+                    state="removed",
+                    updated_at=_now(),
+                    writer=writer_name(),
+                    history=(head.generation,),
+                )
+                self.store.switch_head(account, head.generation, tomb)
+            for generation in self.store.list_generations(account):
+                self.store.delete_manifest(account, generation)
+                deleted += 1
+            for piece in self.store.list_pieces(account):
+                self.store.delete_piece(account, piece)
+                deleted += 1
+        self._head_pieces.pop(account, None)
+        for key in [k for k in self._pieces_of if k[0] == account]:
+            del self._pieces_of[key]
+        return deleted
 
     def _seal_manifest(self, manifest: Manifest) -> bytes:
         return self.keyring.seal(

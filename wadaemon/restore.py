@@ -47,6 +47,7 @@ class RestoreOutcome:
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     quarantined: Path | None = None
+    head_state: str = ""  # for inactive: the head's state (logged_out, removed)
 
     @property
     def ok(self) -> bool:
@@ -187,7 +188,10 @@ class Restorer:
             return RestoreOutcome(account, "no-backup", detail=f"local session is {local.state}")
         if head.state != "active" and generation is None and not force:
             return RestoreOutcome(
-                account, "inactive", detail=f"the backup is marked {head.state}; not restored"
+                account,
+                "inactive",
+                detail=f"the backup is marked {head.state}; not restored",
+                head_state=head.state,
             )
         try:
             g, manifest, built, failures = self.build_newest(account, self.layout.tmp, generation)

@@ -11,6 +11,9 @@ closed on the file would drop the client's locks. This module runs as
                        files read until two reads agree.
     check DIR          PRAGMA integrity_check on every SQLite database under DIR.
                        --immutable opens them as immutable (for private copies nobody writes).
+    session DB         prepare a WhatsApp client database before the client opens it: switch it
+                       to WAL mode (persistent; the client's SQLite honours it) and list the
+                       paired devices. --create makes an empty WAL database if none exists.
 """
 
 from __future__ import annotations
@@ -152,6 +155,26 @@ def check(root: str, immutable: bool) -> dict[str, Any]:
     return {"files": len(entries), "databases": databases, "corrupt": corrupt}
 
 
+def session(path: str, create: bool) -> dict[str, Any]:
+    """WAL mode and the paired devices of a whatsmeow database (before the client opens it)."""
+    if not os.path.exists(path) and not create:
+        return {"exists": False, "journal_mode": None, "devices": []}
+    os.umask(0o077)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+    try:
+        mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        devices: list[dict[str, str]] = []
+        has_table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='whatsmeow_device'"
+        ).fetchone()
+        if has_table:
+            for jid, push_name in conn.execute("SELECT jid, push_name FROM whatsmeow_device"):
+                devices.append({"jid": str(jid), "push_name": str(push_name or "")})
+    finally:
+        conn.close()
+    return {"exists": True, "journal_mode": mode, "devices": devices}
+
+
 def main(argv: list[str]) -> int:
     try:
         if len(argv) == 3 and argv[0] == "snapshot":
@@ -160,8 +183,13 @@ def main(argv: list[str]) -> int:
             out = snapshot(argv[1], argv[2])
         elif len(argv) in (2, 3) and argv[0] == "check":
             out = check(argv[1], immutable="--immutable" in argv[2:])
+        elif len(argv) in (2, 3) and argv[0] == "session":
+            out = session(argv[1], create="--create" in argv[2:])
         else:
-            raise WorkerError(f"usage: snapshot SRC DST | check DIR [--immutable]; got {argv}")
+            raise WorkerError(
+                "usage: snapshot SRC DST | check DIR [--immutable] | session DB [--create]; "
+                f"got {argv}"
+            )
     except WorkerError as exc:
         json.dump({"error": str(exc)}, sys.stdout)
         return 1

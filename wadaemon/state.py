@@ -21,6 +21,18 @@ class AccountState:
     last_change_at: float | None = None  # wall clock, the last change the watcher reported
     last_restore: str = ""  # one line: the boot restore outcome
     last_restore_at: float | None = None
+    # the WhatsApp client ("" when the daemon runs none: sidecar mode):
+    # needs_qr | pairing | connecting | connected | disconnected | offline | logged_out |
+    # temp_banned | replaced | stopped
+    client: str = ""
+    client_detail: str = ""
+    client_since: float | None = None  # wall clock, when `client` last changed
+    phone: str = ""
+    last_event: str = ""
+    last_event_at: float | None = None
+    last_message_at: float | None = None
+    connect_failures: int = 0
+    next_connect_at: float | None = None  # wall clock, the next connect attempt while offline
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""The boundary between the account supervisor and a WhatsApp client library.
+
+A client drives one account's session database. It reports everything that happens as neonize
+event objects (protobuf messages from `neonize.proto.Neonize_pb2`: Connected, PairStatus,
+LoggedOut, StreamReplaced, TemporaryBan, ConnectFailure, Disconnected, KeepAliveTimeout, and QR
+with the current code) through one callback, the event sink. The real client is
+`NeonizeClient`; tests put a fake behind this same boundary, because WhatsApp's servers cannot
+be reached from a test machine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from wadaemon.errors import WadaemonError
+
+EventSink = Callable[[Any], None]  # receives a neonize protobuf event object
+CLIENT_FACTORY_ENV = "WADAEMON_WHATSAPP_CLIENT"  # "module:callable", for tests only
+
+
+class ConnectError(WadaemonError):
+    """The client could not connect (network, server refusal); the caller retries."""
+
+
+class WhatsAppClient(Protocol):
+    async def run(self) -> None:
+        """Connect and keep the session until stop(); returns after stop().
+
+        Raises ConnectError when the first connection fails (whatsmeow retries by itself only
+        after a successful login). An unpaired database starts a pairing: QR events follow.
+        """
+        ...
+
+    async def stop(self) -> None:
+        """Disconnect and make run() return. Safe to call at any time, more than once."""
+        ...
+
+    async def pair_phone(self, phone: str) -> str:
+        """A pairing code for `phone` (digits with country code); only after the first QR."""
+        ...
+
+    async def logout(self) -> None:
+        """Unlink this device on the server (the phone no longer lists it)."""
+        ...
+
+    async def is_connected(self) -> bool: ...
+
+
+ClientFactory = Callable[[str, Path, EventSink], WhatsAppClient]
+
+
+def client_factory(go_log_level: str) -> ClientFactory:
+    """The real neonize client, or the one named by $WADAEMON_WHATSAPP_CLIENT (tests).
+
+    Call it once logging is set up: it imports neonize, which touches the logging setup.
+    """
+    spec = os.environ.get(CLIENT_FACTORY_ENV, "")
+    if not spec:
+        from wadaemon.whatsapp.neonize_client import NeonizeClient, load_neonize
+
+        load_neonize(go_log_level)
+        return NeonizeClient
+    module_name, _, attr = spec.partition(":")
+    import importlib
+
+    try:
+        factory: ClientFactory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise WadaemonError(
+            f"${CLIENT_FACTORY_ENV}={spec!r}: cannot load it ({exc}); unset it to use neonize"
+        ) from None
+    return factory
