@@ -86,9 +86,15 @@ class Env:
         return Path(str(self.extra.get("socket", self.root / "wadaemon.sock")))
 
     def write_config(
-        self, log_level: str = "info", restore_timeout: float = 60, **backup: object
+        self,
+        log_level: str = "info",
+        restore_timeout: float = 60,
+        whatsapp: dict[str, object] | None = None,
+        **backup: object,
     ) -> None:
+        """Sidecar mode unless `whatsapp` (the whatsapp section's settings) is given."""
         settings: dict[str, object] = {"debounce_seconds": 0.2, **backup}
+        wa = {"enabled": "true", **whatsapp} if whatsapp is not None else {"enabled": "false"}
         lines = [
             f"log_level: {log_level}",
             f"sessions_path: {self.sessions}",
@@ -102,7 +108,7 @@ class Env:
             "restore:",
             f"  timeout_seconds: {restore_timeout}",
             "whatsapp:",
-            "  enabled: false",
+            *(f"  {k}: {v}" for k, v in wa.items()),
         ]
         self.config.write_text("\n".join(lines) + "\n")
 

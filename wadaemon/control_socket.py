@@ -5,6 +5,10 @@
     GET  /accounts                 root, the daemon's user, members of the daemon's group
     POST /accounts/{id}/backup     same
     POST /accounts/{id}/verify     same
+    POST /accounts/{id}/pair       same; ?phone=NUMBER for a pairing code instead of QR codes.
+                                   Streams JSON lines: {"event": "qr", "code": ...} as codes
+                                   rotate, {"event": "code", ...}, then "paired" or "failed".
+    DELETE /accounts/{id}          same; logs out, deletes the backups and the local session
 The socket file is created under a temporary name, given mode 0660, then renamed into place, so
 it is never reachable with looser permissions. A stale socket left by a crash is replaced; a live
 one (another daemon) is not.
@@ -12,6 +16,7 @@ one (another daemon) is not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -28,6 +33,7 @@ from aiohttp import web
 
 from wadaemon.errors import WadaemonError
 from wadaemon.layout import InvalidAccountId, validate_account_id
+from wadaemon.whatsapp.pairing import Pairing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,10 @@ class ControlApi(Protocol):
     async def verify(self, account: str) -> dict[str, Any]: ...
 
     async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]: ...
+
+    def pair(self, account: str, phone: str | None) -> Pairing: ...
+
+    async def remove(self, account: str) -> dict[str, Any]: ...
 
 
 class ApiError(Exception):
@@ -113,6 +123,18 @@ def is_privileged(peer: Peer | None) -> bool:
     return peer.uid in (0, os.getuid()) or os.getgid() in peer.groups
 
 
+def _phone(raw: str) -> str:
+    """A phone number as WhatsApp's pairing wants it: digits only, with the country code."""
+    digits = "".join(c for c in raw if c not in " +-().")
+    if not digits.isdigit() or not 7 <= len(digits) <= 15:
+        raise ApiError(
+            400,
+            f"{raw!r} is not a phone number: give the number with its country code, digits "
+            "only, e.g. 15551234567",
+        )
+    return digits
+
+
 def _json(status: int, body: Any) -> web.Response:
     return web.Response(
         status=status, text=json.dumps(body, indent=2) + "\n", content_type="application/json"
@@ -137,6 +159,8 @@ class ControlServer:
         app.router.add_get("/accounts", self._privileged(self._accounts))
         app.router.add_post("/accounts/{account}/backup", self._privileged(self._backup))
         app.router.add_post("/accounts/{account}/verify", self._privileged(self._verify))
+        app.router.add_post("/accounts/{account}/pair", self._privileged(self._pair))
+        app.router.add_delete("/accounts/{account}", self._privileged(self._remove))
         if self.faults:
             app.router.add_post("/debug/hang/{part}", self._privileged(self._hang))
         return app
@@ -200,6 +224,33 @@ class ControlServer:
         account = self._account(request)
         result = await self.api.verify(account)
         return _json(200 if result.get("ok") else 500, result)
+
+    async def _pair(self, request: web.Request) -> web.StreamResponse:
+        account = self._account(request)
+        phone = None
+        if "phone" in request.query:
+            phone = _phone(request.query["phone"])
+        try:
+            pairing = self.api.pair(account, phone)
+        except WadaemonError as exc:
+            raise ApiError(409, str(exc)) from None
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        try:
+            async for update in pairing.updates():
+                await response.write(json.dumps(update).encode() + b"\n")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            pairing.cancel()
+            raise
+        return response
+
+    async def _remove(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        try:
+            return _json(200, await self.api.remove(account))
+        except WadaemonError as exc:
+            raise ApiError(409, str(exc)) from None
 
     async def _hang(self, request: web.Request) -> web.Response:
         try:

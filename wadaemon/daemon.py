@@ -508,7 +508,13 @@ class Daemon:
 
     # --- backups -----------------------------------------------------------------------------
 
+    def _gone(self, account: str) -> bool:
+        """Neither known nor on disk (a removed account whose deletion the watcher reports)."""
+        return account not in self.state.accounts and not self.layout.account_dir(account).exists()
+
     def _changed(self, account: str) -> None:
+        if self._gone(account):
+            return
         if self.supervisor is not None:
             self.supervisor.session_changed(account)
         st = self.state.account(account)
@@ -565,6 +571,8 @@ class Daemon:
 
     async def _backup(self, account: str) -> bool:
         assert self.engine is not None
+        if self._gone(account):
+            return True
         st = self.state.account(account)
         if account in self._held:
             self._held_changed.add(account)

@@ -12,9 +12,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from wadaemon.state import DaemonState, iso_time
+from wadaemon.state import AccountState, DaemonState, iso_time
 
 LOOP_LAG_FAILING_S = 10.0
+CLIENT_STATES_OK = ("connected", "connecting", "pairing", "stopped")
 WATCHER_GRACE_S = 5.0
 
 
@@ -97,6 +98,19 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
         "degraded" if failing_accounts else "ok",
         "problems: " + ", ".join(failing_accounts) if failing_accounts else "all protected",
     )
+    clients = [a for a in state.accounts.values() if a.client]
+    if clients:
+        attention = sorted(
+            f"{a.account} ({a.client.replace('_', ' ')})"
+            for a in clients
+            if a.client not in CLIENT_STATES_OK
+        )
+        checks["whatsapp"] = Check(
+            "degraded" if attention else "ok",
+            "need attention: " + ", ".join(attention)
+            if attention
+            else f"{len(clients)} clients running",
+        )
     overall = _worst([c.status for c in checks.values()])
     accounts: dict[str, Any] = {}
     for a in sorted(state.accounts.values(), key=lambda a: a.account):
@@ -118,6 +132,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
             "last_error": a.last_error or None,
             "last_restore": a.last_restore or None,
             "last_restore_at": iso_time(a.last_restore_at),
+            "whatsapp": _client(a, now) if a.client else None,
         }
     body: dict[str, Any] = {
         "status": overall,
@@ -131,11 +146,27 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
     return (503 if overall == "failing" else 200), body
 
 
+def _client(a: AccountState, now: float) -> dict[str, Any]:
+    return {
+        "state": a.client,
+        "detail": a.client_detail or None,
+        "since": iso_time(a.client_since),
+        "phone": a.phone or None,
+        "last_event": a.last_event or None,
+        "last_event_at": iso_time(a.last_event_at),
+        "last_message_at": iso_time(a.last_message_at),
+        "connect_failures": a.connect_failures,
+        "next_connect_in_seconds": round(a.next_connect_at - now, 1)
+        if a.next_connect_at is not None
+        else None,
+    }
+
+
 def status_line(state: DaemonState) -> str:
     """The one-line STATUS for `systemctl status`."""
     now = time.time()
     n = len(state.accounts)
-    counts = Counter(a.state for a in state.accounts.values())
+    counts = Counter(a.client or a.state for a in state.accounts.values())
     parts = ", ".join(f"{c} {s.replace('_', ' ')}" for s, c in sorted(counts.items()))
     line = f"{n} account{'s' if n != 1 else ''}" + (f": {parts}" if parts else "")
     last = state.last_backup_at()

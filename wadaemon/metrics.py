@@ -10,6 +10,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -31,6 +32,15 @@ class _StateCollector(Collector):
         for name, count in sorted(Tally(a.state for a in self.state.accounts.values()).items()):
             by_state.add_metric([name], count)
         yield by_state
+        clients = GaugeMetricFamily(
+            "wadaemon_whatsapp_accounts",
+            "Accounts by WhatsApp client state (connected, needs_qr, logged_out, ...).",
+            labels=["state"],
+        )
+        tally = Tally(a.client for a in self.state.accounts.values() if a.client)
+        for name, count in sorted(tally.items()):
+            clients.add_metric([name], count)
+        yield clients
         age = GaugeMetricFamily(
             "wadaemon_seconds_since_last_backup",
             "Seconds since the last good backup of each account (absent: never backed up).",
@@ -83,6 +93,7 @@ class Metrics:
             "wadaemon_store_errors", "Failed operations against the backup store.", registry=r
         )
         r.register(_StateCollector(state))
+        ProcessCollector(registry=r)  # process_open_fds, process_resident_memory_bytes, ...
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

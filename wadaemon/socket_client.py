@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,43 @@ class _UnixConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         sock.connect(str(self._path))
         self.sock = sock
+
+
+def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[str, Any]]:
+    """JSON lines from a streaming endpoint, as they come. An error answer raises WadaemonError
+    with the daemon's message."""
+    conn = _UnixConnection(path, timeout)
+    try:
+        try:
+            conn.request(method, url)
+            response = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NotRunning(
+                f"the daemon is not running (nothing listens on {path}); start it with "
+                "`systemctl start wadaemon`"
+            ) from None
+        except PermissionError:
+            raise WadaemonError(
+                f"{path}: permission denied; run as root or as a member of the daemon's group"
+            ) from None
+        if response.status != 200:
+            body = response.read().decode("utf-8", "replace")
+            try:
+                message = json.loads(body).get("error", body)
+            except ValueError:
+                message = body
+            raise WadaemonError(str(message).strip())
+        while True:
+            try:
+                line = response.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                raise WadaemonError(f"{path}: the daemon stopped answering: {exc}") from None
+            if not line:
+                return
+            if line.strip():
+                yield json.loads(line)
+    finally:
+        conn.close()
 
 
 def request(path: Path, method: str, url: str, timeout: float = 30.0) -> tuple[int, Any]:

@@ -8,6 +8,7 @@ import sys
 
 from wadaemon import __version__
 from wadaemon.cli import (
+    accounts,
     backup,
     check_config,
     generations,
@@ -19,7 +20,7 @@ from wadaemon.cli import (
 )
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 
-COMMANDS = (run, status, check_config, keygen, backup, restore, generations, verify)
+COMMANDS = (run, status, accounts, check_config, keygen, backup, restore, generations, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -206,6 +206,7 @@ class AccountRunner:
             if self._failures and self.pairing is None:
                 why = await self._probe()
                 if why is not None:
+                    self._failures += 1
                     await self._wait_retry(why)
                     continue
             await self._run_client()
@@ -291,7 +292,9 @@ class AccountRunner:
                 f"for a pairing; to pair it anew, remove it first (`wadaemon accounts remove "
                 f"{self.account}`)"
             )
-        self.pairing = Pairing(self.account, phone, self.config.pairing_timeout_seconds)
+        pairing = Pairing(self.account, phone, self.config.pairing_timeout_seconds)
+        pairing.on_cancel = lambda: self._spawn(self._cancel_pairing(pairing), "pairing-cancel")
+        self.pairing = pairing
         self._failures = 0
         if self.state in ("", "stopped", "logged_out", "offline"):
             self._set("needs_qr", "pairing requested")
@@ -316,6 +319,12 @@ class AccountRunner:
                 f"{self.config.pairing_timeout_seconds:.0f} s (whatsapp.pairing_timeout_seconds);"
                 " run the command again"
             )
+            if self._client is not None:
+                await self._client.stop()
+
+    async def _cancel_pairing(self, pairing: Pairing) -> None:
+        if self.pairing is pairing and not pairing.paired:
+            self._end_pairing("cancelled: the command that asked for it went away")
             if self._client is not None:
                 await self._client.stop()
 

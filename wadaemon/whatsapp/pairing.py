@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 
@@ -21,6 +21,12 @@ class Pairing:
         self.paired = False
         self._updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._result: dict[str, Any] | None = None
+        self.on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        """The user went away (closed the command): end the pairing."""
+        if self._result is None and self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def finished(self) -> bool:

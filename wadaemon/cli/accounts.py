@@ -1,0 +1,175 @@
+"""`wadaemon accounts add|list|remove`: pair, list and remove WhatsApp accounts.
+
+Every subcommand talks to the running daemon over its socket: the daemon runs the clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.parse
+from typing import Any, TextIO
+
+from wadaemon.cli.common import add_config_option, load
+from wadaemon.errors import EXIT_FAILURE, WadaemonError
+from wadaemon.layout import validate_account_id
+from wadaemon.socket_client import request, stream
+
+STREAM_MARGIN_S = 60.0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "accounts",
+        help="pair, list and remove WhatsApp accounts (asks the running daemon)",
+        description="Manage the WhatsApp accounts the daemon runs.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        help="pair a new account: shows QR codes to scan, or a code with --phone",
+        description="Shows the QR code in the terminal as it rotates, until the phone scans it "
+        "(WhatsApp → Settings → Linked devices → Link a device) or the pairing times out "
+        "(whatsapp.pairing_timeout_seconds). With --phone, prints a code to enter on the phone "
+        "instead (Link with phone number instead). The account is backed up the moment it is "
+        "paired.",
+    )
+    add.add_argument("account", metavar="ID", help="the new account's id (a-z, 0-9, _ and -)")
+    add.add_argument("--phone", metavar="NUMBER", help="phone number with country code")
+    add_config_option(add)
+    add.set_defaults(handler=main_add)
+
+    ls = actions.add_parser("list", help="list the accounts: state, phone, last backup, event")
+    ls.add_argument("--json", action="store_true", help="print the accounts as JSON")
+    add_config_option(ls)
+    ls.set_defaults(handler=main_list)
+
+    rm = actions.add_parser(
+        "remove",
+        help="log an account out and delete its local session and every backup of it",
+        description="Logs the account out of WhatsApp (if connected), stops its client, deletes "
+        "every backup of it and then the local session. This cannot be undone: the phone has to "
+        "pair again.",
+    )
+    rm.add_argument("account", metavar="ID")
+    rm.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add_config_option(rm)
+    rm.set_defaults(handler=main_remove)
+
+
+def show_qr(code: str, out: TextIO, *, first: bool) -> None:
+    import segno
+
+    if out.isatty() and not first:
+        out.write("\x1b[2J\x1b[H")  # a fresh screen for the next code
+    out.write(
+        "Scan with WhatsApp on the phone: Settings → Linked devices → Link a device.\n"
+        "The code changes every 20 seconds or so; this one replaces the last.\n"
+    )
+    segno.make_qr(code).terminal(out=out, compact=True)
+    out.flush()
+
+
+def main_add(args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    config = load(args)
+    url = f"/accounts/{account}/pair"
+    if args.phone:
+        url += "?" + urllib.parse.urlencode({"phone": args.phone})
+    timeout = config.whatsapp.pairing_timeout_seconds + STREAM_MARGIN_S
+    shown = 0
+    for update in stream(config.socket_path, "POST", url, timeout):
+        event = update.get("event")
+        if event == "qr" and not args.phone:
+            show_qr(str(update["code"]), sys.stdout, first=shown == 0)
+            shown += 1
+        elif event == "code":
+            print(
+                f"Pairing code for +{update.get('phone')}: {update['code']}\n"
+                "On the phone: WhatsApp → Settings → Linked devices → Link a device → "
+                "Link with phone number instead, then enter the code.",
+                flush=True,
+            )
+        elif event == "paired":
+            backup = (
+                f"backed up as generation {update['generation']}"
+                if update.get("generation") is not None
+                else f"backup: {update.get('backup')} {update.get('error') or ''}".strip()
+            )
+            phone = f"+{update['phone']}" if update.get("phone") else "the phone"
+            print(f"{account}: paired with {phone}; {backup}")
+            return 0
+        elif event == "failed":
+            raise WadaemonError(f"{account}: {update.get('error')}")
+    raise WadaemonError(f"{account}: the daemon ended the pairing without a result")
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "never"
+    then = time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    s = max(0, int(time.time() - then))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}m ago"
+    return f"{s // 3600}h ago"
+
+
+def render(accounts: list[dict[str, Any]]) -> str:
+    if not accounts:
+        return "no accounts; pair one with `wadaemon accounts add ID`"
+    lines = [f"{'ACCOUNT':<20} {'STATE':<13} {'PHONE':<16} {'LAST BACKUP':<12} LAST EVENT"]
+    for a in accounts:
+        wa = a.get("whatsapp") or {}
+        state = wa.get("state") or a["state"]
+        phone = f"+{wa['phone']}" if wa.get("phone") else "-"
+        event = wa.get("last_event") or "-"
+        if wa.get("last_event_at"):
+            event += f" ({_age(wa['last_event_at'])})"
+        if wa.get("detail") and state not in ("connected",):
+            event += f"; {wa['detail']}"
+        lines.append(
+            f"{a['account']:<20} {state.replace('_', ' '):<13} {phone:<16} "
+            f"{_age(a.get('last_backup_at')):<12} {event}"
+        )
+    return "\n".join(lines)
+
+
+def main_list(args: argparse.Namespace) -> int:
+    import json
+
+    config = load(args)
+    status, body = request(config.socket_path, "GET", "/accounts")
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else body
+        raise WadaemonError(str(error))
+    accounts = body["accounts"]
+    print(json.dumps(accounts, indent=2) if args.json else render(accounts))
+    return 0
+
+
+def main_remove(args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    config = load(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise WadaemonError(
+                f"{account}: removal deletes the session and every backup of it; confirm with "
+                "--yes when not running in a terminal"
+            )
+        answer = input(
+            f"This logs {account} out of WhatsApp and deletes its local session and every "
+            f"backup of it; it cannot be undone. Type {account} to confirm: "
+        )
+        if answer.strip() != account:
+            print("not removed", file=sys.stderr)
+            return EXIT_FAILURE
+    status, body = request(config.socket_path, "DELETE", f"/accounts/{account}", timeout=600)
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else body
+        raise WadaemonError(str(error))
+    print(f"{account}: removed ({body['logout']}; {body['deleted']} backup objects deleted)")
+    return 0
