@@ -38,6 +38,7 @@ log = logging.getLogger("wadaemon.whatsapp")
 
 RETRY_FIRST_S = 2.0
 RETRY_MAX_S = 300.0
+PROBE_RETRY_MAX_S = 30.0  # a probe costs nothing to repeat; a neonize connect costs a descriptor
 DISCONNECTED_RESTART_S = 600.0  # whatsmeow reconnects by itself; past this, restart the client
 RUNNING = ("connecting", "connected", "disconnected", "offline")
 PARKED = ("needs_qr", "logged_out", "replaced", "stopped")
@@ -148,14 +149,15 @@ class AccountRunner:
                 exc_info=task.exception(),
             )
 
-    def _set(self, state: str, detail: str = "") -> None:
+    def _set(self, state: str, detail: str = "", *, quiet: bool = False) -> None:
         st = self.st
         changed = st.client != state
         if changed:
             st.client_since = time.time()
         st.client, st.client_detail = state, detail
         if changed:
-            log.info(
+            if not quiet:
+                log.info(
                 "%s: whatsapp %s%s",
                 self.account,
                 state.replace("_", " "),
@@ -172,8 +174,8 @@ class AccountRunner:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
 
-    def _backoff(self) -> float:
-        delay: float = min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** max(0, self._failures - 1))
+    def _backoff(self, cap: float = RETRY_MAX_S) -> float:
+        delay: float = min(cap, RETRY_FIRST_S * 2.0 ** max(0, self._failures - 1))
         return delay * random.uniform(0.5, 1.0)
 
     async def _main(self) -> None:
@@ -207,7 +209,7 @@ class AccountRunner:
                 why = await self._probe()
                 if why is not None:
                     self._failures += 1
-                    await self._wait_retry(why)
+                    await self._wait_retry(why, cap=PROBE_RETRY_MAX_S)
                     continue
             await self._run_client()
 
@@ -239,11 +241,11 @@ class AccountRunner:
             await self._wait_retry(f"cannot open the session database: {exc}")
             return None
 
-    async def _wait_retry(self, why: str) -> None:
-        delay = self._backoff()
+    async def _wait_retry(self, why: str, cap: float = RETRY_MAX_S) -> None:
+        delay = self._backoff(cap)
         self.st.connect_failures = self._failures
         self.st.next_connect_at = time.time() + delay
-        self._set("offline", why)
+        self._set("offline", why, quiet=True)
         log.warning("%s: %s; retrying in %.0f s", self.account, why, delay)
         await self._sleep(delay)
         self.st.next_connect_at = None

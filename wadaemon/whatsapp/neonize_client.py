@@ -49,6 +49,8 @@ def load_neonize(go_log_level: str) -> Any:
     """Import neonize with the daemon's logging kept intact; returns the aioze client module."""
     go_logger = logging.getLogger("neonize.utils.log")
     go_logger.setLevel(GO_LOG_LEVELS.get(go_log_level, logging.ERROR))
+    # "ffmpeg not found: media operations will fail": the daemon handles no media
+    logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)
     root = logging.getLogger()
     before = list(root.handlers)
     import neonize.aioze.client as aioze
