@@ -158,11 +158,11 @@ class AccountRunner:
         if changed:
             if not quiet:
                 log.info(
-                "%s: whatsapp %s%s",
-                self.account,
-                state.replace("_", " "),
-                f" ({detail})" if detail else "",
-            )
+                    "%s: whatsapp %s%s",
+                    self.account,
+                    state.replace("_", " "),
+                    f" ({detail})" if detail else "",
+                )
             self.host.record(
                 self.account,
                 {"status": state, "statusDetail": detail, "statusAt": iso_time(st.client_since)},
