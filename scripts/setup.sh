@@ -9,6 +9,8 @@ ensure_system_packages() {
     local missing=()
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # neonize imports python-magic, which loads the system's libmagic
+    ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1 ' || missing+=(libmagic1)
     if [ "${#missing[@]}" -gt 0 ]; then
         echo "installing ${missing[*]} (apt-get)" >&2
         as_root apt-get update -qq

@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, Env, wait_until
 from fake_whatsapp import FAKE_DIR_ENV, calls, paired_event, send_event
+from firestore_emulator import Emulator
 from neonize.proto import Neonize_pb2 as pb
 
 from wadaemon.restore import Restorer
 from wadaemon.socket_client import request
 from wadaemon.store import DirectoryStore
+from wadaemon.store.firestore import FirestoreStore
 
 TESTS = Path(__file__).parent
 
@@ -197,12 +199,21 @@ def test_pairing_times_out_and_the_account_needs_a_qr(wa: WhatsAppEnv) -> None:
     assert "within 2 s" in err and "run the command again" in err
     wa.wait_state("acc4", "needs_qr")
     assert calls(wa.fake, "acc4")[-1] == "stopped"
+    # a session that never paired holds nothing worth a backup
+    time.sleep(1.5)
+    assert wa.store().read_head("acc4") is None
+    assert wa.daemon is not None
+    assert "session.db holds no paired device" in wa.daemon.log()
 
 
 def test_logged_out_quarantines_marks_the_head_and_deletes_nothing(
     wa: WhatsAppEnv, tmp_path: Path
 ) -> None:
-    wa.configure(retry_after_logout="false")
+    # no debounce: the library deletes the device the moment it reports the logout, and that
+    # state must still never become a backup
+    wa.env.write_config(
+        whatsapp={"retry_after_logout": "false", "health_check_seconds": 0.5}, debounce_seconds=0
+    )
     wa.start()
     wa.pair("acc1")
     wa.settled("acc1")
@@ -407,3 +418,36 @@ def test_a_redeploy_reconnects_every_account_without_a_qr_code(wa: WhatsAppEnv) 
     # the restore happened before the clients started
     log = wa.daemon.log()
     assert log.index("acc1: restored") < log.index("whatsapp: supervising")
+
+
+@pytest.mark.slow
+def test_firestore_gets_the_status_changes_and_the_logout_mark(
+    wa: WhatsAppEnv, firestore_emulator: Emulator
+) -> None:
+    env = wa.env
+    env.config.write_text(
+        "\n".join(
+            [
+                f"sessions_path: {env.sessions}",
+                f"socket_path: {env.socket}",
+                f"encryption: {{key_file: {env.key}}}",
+                "backup: {target: firestore, debounce_seconds: 0.2}",
+                f"firestore: {{project: {firestore_emulator.project}}}",
+                "whatsapp: {enabled: true, retry_after_logout: false, health_check_seconds: 1}",
+            ]
+        )
+        + "\n"
+    )
+    store = FirestoreStore(firestore_emulator.project)
+    wa.start()
+    wa.pair("acc1")
+    wait_until(lambda: (store.read_account("acc1") or {}).get("status") == "connected")
+    record = store.read_account("acc1")
+    assert record is not None
+    assert record["phone"] == "15551234567" and record["lastConnectedAt"] and record["host"]
+    wa.send("acc1", pb.LoggedOut(OnConnect=False, Reason=pb.ConnectFailureReason.LOGGED_OUT))
+    wa.wait_state("acc1", "needs_qr")
+    wait_until(lambda: (store.read_account("acc1") or {}).get("status") == "needs_qr")
+    head = store.read_head("acc1")
+    assert head is not None and head.state == "logged_out"
+    assert store.list_generations("acc1")  # kept

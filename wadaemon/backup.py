@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from wadaemon.layout import SessionsLayout, has_files
 from wadaemon.replica import CommitResult, Replica
-from wadaemon.snapshot import take_snapshot
+from wadaemon.snapshot import Snapshot, take_snapshot
 
 # A fingerprint newer than this may miss a later change with the same mtime (timestamps are
 # coarse), so it is not trusted, as git does with "racily clean" entries.
@@ -82,14 +83,21 @@ class BackupEngine:
         # account -> (fingerprint of its directory before its last good backup, generation)
         self._clean: dict[str, tuple[Fingerprint, int]] = {}
 
-    def backup(self, account: str, *, force: bool = False) -> BackupResult:
+    def backup(
+        self,
+        account: str,
+        *,
+        force: bool = False,
+        refuse: Callable[[Snapshot], str | None] | None = None,
+    ) -> BackupResult:
         """Back up one account now. Raises WadaemonError (snapshot or store failure) on failure.
 
         A missing or empty account directory is skipped, never committed: an empty generation
         would hide the last good one. Unless `force`, a directory whose files all still have the
         size, mtime and inode they had before the last good backup is not snapshotted again:
         the snapshot's own open of a database touches its -wal/-shm files, which would
-        otherwise look like a change and start an endless series of backups.
+        otherwise look like a change and start an endless series of backups. `refuse` may veto
+        a snapshot (returning why): it is then skipped, never committed.
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
@@ -107,6 +115,9 @@ class BackupEngine:
             snapshot = take_snapshot(account, source, staging)
             if not snapshot.files:
                 return BackupResult(account, "skipped", 0.0, detail="no files to back up")
+            veto = refuse(snapshot) if refuse is not None else None
+            if veto is not None:
+                return BackupResult(account, "skipped", time.monotonic() - started, detail=veto)
             commit = self.replica.commit(snapshot)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

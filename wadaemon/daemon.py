@@ -36,10 +36,12 @@ from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
 from wadaemon.replica import Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
+from wadaemon.snapshot import Snapshot
 from wadaemon.state import AccountState, DaemonState, iso_time
 from wadaemon.store import StoreError, open_store
 from wadaemon.watcher import SessionWatcher
 from wadaemon.whatsapp.pairing import Pairing
+from wadaemon.whatsapp.session_db import SESSION_DB
 
 if TYPE_CHECKING:
     from wadaemon.whatsapp.supervisor import Supervisor
@@ -56,6 +58,15 @@ RESTORE_RETRY_FIRST_S = 5.0
 RESTORE_RETRY_MAX_S = 300.0
 RECORD_COALESCE_S = 1.0  # account records: at most one write per account per second
 FAULTS_ENV = "WADAEMON_FAULTS"  # "1" enables POST /debug/hang/{loop,watcher,backup} (tests only)
+
+
+def unpaired_session(snapshot: Snapshot) -> str | None:
+    """With WhatsApp clients: a session.db without a paired device is never backed up. It is a
+    pairing that has not finished, or a session whose device the library deleted after a logout;
+    as a backup it would only hide the last paired generation."""
+    if snapshot.device_count(SESSION_DB) == 0:
+        return "session.db holds no paired device (not paired yet, or logged out); not backed up"
+    return None
 
 
 def keyring_for(config: Config) -> Keyring | None:
@@ -163,12 +174,13 @@ class Daemon:
         if self.supervisor is not None:
             await self.supervisor.stop()
         log.info("stopping: final backups of changed accounts")
-        self._held.clear()
         if self.engine is not None:
             # Changes the watcher has not reported (it stops with the signal, and may have
             # missed some): compared with the fingerprints, a clean account costs a stat per file.
             self._pass("final")
         await self.scheduler.flush()
+        for account in list(self._pending_records):
+            await self._record(account, {"host": self._host, **self._pending_records.pop(account)})
         if self.replica is not None:
             try:
                 await asyncio.to_thread(self.replica.store.close)
@@ -567,7 +579,8 @@ class Daemon:
     def _backup_in_thread(self, account: str, force: bool) -> Any:
         assert self.engine is not None
         self._backup_gate.wait()  # closed only by fault injection in tests
-        return self.engine.backup(account, force=force)
+        refuse = unpaired_session if self.supervisor is not None else None
+        return self.engine.backup(account, force=force, refuse=refuse)
 
     async def _backup(self, account: str) -> bool:
         assert self.engine is not None

@@ -29,6 +29,11 @@ class Snapshot:
     root: Path
     files: tuple[SnapshotFile, ...]
     warnings: tuple[str, ...]
+    # paired devices in each WhatsApp client database (whatsmeow's schema), by relative path
+    devices: tuple[tuple[str, int], ...] = ()
+
+    def device_count(self, path: str) -> int | None:
+        return dict(self.devices).get(path)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,12 @@ def take_snapshot(account: str, source: Path, dest: Path) -> Snapshot:
         SnapshotFile(path=f["path"].replace("\\", "/"), kind=f["kind"], mode=int(f["mode"]))
         for f in out["files"]
     )
-    return Snapshot(account, dest, files, tuple(out.get("warnings", ())))
+    devices = tuple(
+        (f["path"].replace("\\", "/"), int(f["devices"]))
+        for f in out["files"]
+        if f.get("devices") is not None
+    )
+    return Snapshot(account, dest, files, tuple(out.get("warnings", ())), devices)
 
 
 def check_directory(path: Path, *, private_copy: bool = False) -> CheckReport:

@@ -82,13 +82,23 @@ def _copy_sqlite(src: str, dst: str) -> dict[str, Any]:
             source.backup(target)
             result = _integrity(target)
             page_size = int(target.execute("PRAGMA page_size").fetchone()[0])
+            devices = _devices(target) if result == "ok" else None
         finally:
             target.close()
     finally:
         source.close()
     if result != "ok":
         raise WorkerError(f"the copy fails PRAGMA integrity_check: {result}")
-    return {"page_size": page_size}
+    return {"page_size": page_size, "devices": devices}
+
+
+def _devices(conn: sqlite3.Connection) -> int | None:
+    """Paired devices in a WhatsApp client (whatsmeow) database; None for other databases."""
+    if not conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='whatsmeow_device'"
+    ).fetchone():
+        return None
+    return int(conn.execute("SELECT count(*) FROM whatsmeow_device").fetchone()[0])
 
 
 def _copy_file(src: str, dst: str) -> list[str]:

@@ -31,7 +31,15 @@ def main(args: argparse.Namespace) -> int:
         f"  restore         on_boot={config.restore.on_boot}, "
         f"timeout {config.restore.timeout_seconds:g} s"
     )
-    print(f"  whatsapp        enabled={config.whatsapp.enabled}")
+    wa = config.whatsapp
+    if wa.enabled:
+        print(
+            f"  whatsapp        clients on (neonize), log level {wa.log_level}, pairing timeout "
+            f"{wa.pairing_timeout_seconds:g} s, retry after logout {wa.retry_after_logout}, "
+            f"checks every {wa.health_check_seconds:g} s"
+        )
+    else:
+        print("  whatsapp        sidecar mode: no clients, protects the directories only")
     if keyring is not None:
         print(f"  encryption      {keyring.describe()}")
     if store is not None:

@@ -46,11 +46,15 @@ def render(health: dict[str, Any]) -> str:
         lines.append(f"  {'ACCOUNT':<20} {'STATE':<15} {'GEN':>5}  {'LAST BACKUP':<12} PROBLEM")
     for name, a in accounts.items():
         gen = a["generation"] if a["generation"] is not None else "-"
+        wa = a.get("whatsapp") or {}
+        state = wa.get("state") or a["state"]
         problem = a["last_error"] or ""
+        if wa and state not in ("connected", "connecting", "pairing"):
+            problem = problem or wa.get("detail") or ""
         if a["pending_since_seconds"] is not None:
             problem = problem or f"change pending for {a['pending_since_seconds']:.0f}s"
         lines.append(
-            f"  {name:<20} {a['state']:<15} {gen:>5}  "
+            f"  {name:<20} {state:<15} {gen:>5}  "
             f"{_age(a['seconds_since_last_backup']):<12} {problem}"
         )
     return "\n".join(lines)

@@ -169,10 +169,11 @@ class AccountRunner:
             )
 
     async def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early for a command (pairing, stop)."""
-        self._wake.clear()
+        """Sleep, waking early for a command (pairing, stop). A wake that came while the runner
+        was busy elsewhere ends the next sleep at once: a command is never slept through."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), max(0.0, seconds))
+        self._wake.clear()
 
     def _backoff(self, cap: float = RETRY_MAX_S) -> float:
         delay: float = min(cap, RETRY_FIRST_S * 2.0 ** max(0, self._failures - 1))
