@@ -61,7 +61,14 @@ def client_factory(go_log_level: str) -> ClientFactory:
     if not spec:
         from wadaemon.whatsapp.neonize_client import NeonizeClient, load_neonize
 
-        load_neonize(go_log_level)
+        try:
+            load_neonize(go_log_level)
+        except (ImportError, OSError) as exc:
+            raise WadaemonError(
+                f"cannot load the WhatsApp library (neonize): {exc}; install the system "
+                "library it names (libmagic1: `apt install libmagic1`), or set "
+                "whatsapp.enabled: false to run as a sidecar"
+            ) from None
         return NeonizeClient
     module_name, _, attr = spec.partition(":")
     import importlib
