@@ -31,14 +31,13 @@ def paired_looking_session(db: Path) -> None:
     code += "ClientFactory.get_all_devices_from_db(sys.argv[1])\n"
     subprocess.run([sys.executable, "-c", code, str(db)], check=True, capture_output=True)
     conn = sqlite3.connect(db)
-    r = os.urandom
+    r = os.urandom  # keys of the sizes the schema checks
     conn.execute(
         "INSERT INTO whatsmeow_device (jid, registration_id, noise_key, identity_key, "
         "signed_pre_key, signed_pre_key_id, signed_pre_key_sig, adv_key, adv_details, "
         "adv_account_sig, adv_account_sig_key, adv_device_sig) "
         "VALUES (?, 1234, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
-        ("15551234567:7@s.whatsapp.net", r(32), r(32), r(32), r(64))
-        + (r(32), r(40), r(64), r(32), r(64)),
+        ("15551234567:7@s.whatsapp.net", *(r(n) for n in (32, 32, 32, 64, 32, 40, 64, 32, 64))),
     )
     conn.commit()
     conn.close()

@@ -263,7 +263,9 @@ class AccountRunner:
             self._set("connecting")
         try:
             await self._client.run()
-        except ConnectError as exc:
+        except Exception as exc:  # ConnectError, or anything else the library raises
+            if not isinstance(exc, ConnectError):
+                log.exception("%s: the WhatsApp client failed", self.account)
             self._failures += 1
             if pairing is not None:
                 self._end_pairing(f"cannot connect to WhatsApp: {exc}")
@@ -370,7 +372,10 @@ class AccountRunner:
             return
         if name != "Message":
             log.debug("%s: event %s %s", self.account, name, str(event).replace("\n", " "))
-        handler(event)
+        try:
+            handler(event)
+        except Exception:  # raised into the library's callback, it would vanish unseen
+            log.exception("%s: handling %s failed", self.account, name)
         self.host.record(self.account, {"lastEventAt": iso_time(now)})
 
     def _ev_QR(self, event: Any) -> None:
