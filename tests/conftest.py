@@ -162,14 +162,17 @@ def env(tmp_path: Path) -> Env:
 
 
 class DaemonProcess:
-    def __init__(self, env: Env, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, env: Env, extra_env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> None:
+        """`wadaemon run` as a process; `prefix` runs it under another command (unshare)."""
         self.env = env
         self.log_path = env.root / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115
         environ = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",)}
         environ.update(extra_env or {})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wadaemon", "run", "--config", str(env.config)],
+            [*prefix, sys.executable, "-m", "wadaemon", "run", "--config", str(env.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Env, wait_until
+from conftest import DaemonProcess, Env, wait_until
 from fake_whatsapp import complete
 from neonize.proto import Neonize_pb2 as pb
 
@@ -107,36 +107,14 @@ def paired_looking_session(db: Path) -> None:
     conn.close()
 
 
-class Offline:
+class Offline(DaemonProcess):
     """The daemon, with the real neonize client, in a network namespace with no route."""
 
     def __init__(self, env: Env) -> None:
         env.write_config(whatsapp={"health_check_seconds": 1})
-        self.env = env
-        self.log_path = env.root / "daemon.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115
-        environ = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.proc = subprocess.Popen(
-            [
-                "unshare",
-                "-rn",
-                sys.executable,
-                "-m",
-                "wadaemon",
-                "run",
-                "--config",
-                str(env.config),
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=environ,
-        )
+        super().__init__(env, prefix=("unshare", "-rn"))
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> list[str]:
+    def wait_for_all(self, pattern: str, count: int = 1, timeout: float = 60) -> list[str]:
         regex = re.compile(pattern)
         try:
             wait_until(lambda: len(regex.findall(self.log())) >= count, timeout=timeout)
@@ -147,29 +125,21 @@ class Offline:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
-    def stop(self) -> tuple[int, float]:
+    def timed_stop(self) -> tuple[int, float]:
         started = time.monotonic()
-        self.proc.terminate()
-        code = self.proc.wait(60)
-        self._log.close()
+        code = self.stop()
         return code, time.monotonic() - started
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 def test_offline_connects_back_off_without_leaking_and_sigterm_stops_fast(env: Env) -> None:
     paired_looking_session(env.sessions / "acc1" / "session.db")
     daemon = Offline(env)
     try:
-        daemon.wait_for("ready:")
+        daemon.wait_for("ready:", timeout=60)
         # the real Go client tried and failed: no route to WhatsApp
-        daemon.wait_for(r"acc1: connect failed: .*(unreachable|no such host|dial)")
+        daemon.wait_for_all(r"acc1: connect failed: .*(unreachable|no such host|dial)")
         first = daemon.fds()
-        delays = [int(d) for d in daemon.wait_for(r"acc1: .*; retrying in (\d+) s", count=4)]
+        delays = [int(d) for d in daemon.wait_for_all(r"acc1: .*; retrying in (\d+) s", count=4)]
         assert delays[3] > delays[0], delays  # the backoff grows
         # retries ask whether WhatsApp can be reached before spending a descriptor on neonize
         assert daemon.fds() <= first, (first, daemon.fds())
@@ -180,7 +150,7 @@ def test_offline_connects_back_off_without_leaking_and_sigterm_stops_fast(env: E
         _status, metrics = request(env.socket, "GET", "/metrics")
         assert 'wadaemon_whatsapp_accounts{state="offline"} 1.0' in metrics
         assert "process_open_fds" in metrics
-        code, seconds = daemon.stop()
+        code, seconds = daemon.timed_stop()
         assert code == 0, daemon.log()
         assert seconds < 10, seconds
         assert "Traceback" not in daemon.log()
@@ -196,7 +166,7 @@ def test_offline_connects_back_off_without_leaking_and_sigterm_stops_fast(env: E
 def test_pairing_offline_fails_fast_with_the_cause(env: Env) -> None:
     daemon = Offline(env)
     try:
-        daemon.wait_for("ready:")
+        daemon.wait_for("ready:", timeout=60)
         started = time.monotonic()
         proc = subprocess.run(
             [
@@ -220,7 +190,7 @@ def test_pairing_offline_fails_fast_with_the_cause(env: Env) -> None:
         assert {a["account"]: a for a in body["accounts"]}["acc1"]["whatsapp"][
             "state"
         ] == "needs_qr"
-        code, seconds = daemon.stop()
+        code, seconds = daemon.timed_stop()
         assert code == 0 and seconds < 10
     finally:
         daemon.kill()

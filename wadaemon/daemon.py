@@ -662,16 +662,7 @@ class Daemon:
             raise WadaemonError("backup.target is none: there is nowhere to back up to")
         if not self.layout.account_dir(account).is_dir():
             raise WadaemonError(f"{account}: no such account under {self.layout.root}")
-        self._force.add(account)
-        ok = await self._backup(account)
-        st = self.state.account(account)
-        return {
-            "account": account,
-            "ok": ok,
-            "result": st.last_backup_result,
-            "generation": st.last_backup_generation,
-            "error": st.last_error or None,
-        }
+        return await self.backup_at_once(account, "asked over the socket")
 
     async def verify(self, account: str) -> dict[str, Any]:
         if self.replica is None:

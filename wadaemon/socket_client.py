@@ -30,6 +30,19 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def _connect_error(path: Path, exc: OSError) -> WadaemonError:
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        return NotRunning(
+            f"the daemon is not running (nothing listens on {path}); start it with "
+            "`systemctl start wadaemon`"
+        )
+    if isinstance(exc, PermissionError):
+        return WadaemonError(
+            f"{path}: permission denied; run as root or as a member of the daemon's group"
+        )
+    return WadaemonError(f"{path}: no valid answer from the daemon: {exc}")
+
+
 def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[str, Any]]:
     """JSON lines from a streaming endpoint, as they come. An error answer raises WadaemonError
     with the daemon's message."""
@@ -38,15 +51,8 @@ def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[s
         try:
             conn.request(method, url)
             response = conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise NotRunning(
-                f"the daemon is not running (nothing listens on {path}); start it with "
-                "`systemctl start wadaemon`"
-            ) from None
-        except PermissionError:
-            raise WadaemonError(
-                f"{path}: permission denied; run as root or as a member of the daemon's group"
-            ) from None
+        except OSError as exc:
+            raise _connect_error(path, exc) from None
         if response.status != 200:
             body = response.read().decode("utf-8", "replace")
             try:
@@ -74,15 +80,8 @@ def request(path: Path, method: str, url: str, timeout: float = 30.0) -> tuple[i
         conn.request(method, url)
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise NotRunning(
-            f"the daemon is not running (nothing listens on {path}); start it with "
-            "`systemctl start wadaemon`"
-        ) from None
-    except PermissionError:
-        raise WadaemonError(
-            f"{path}: permission denied; run as root or as a member of the daemon's group"
-        ) from None
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+        raise _connect_error(path, exc) from None
     except (OSError, http.client.HTTPException) as exc:
         raise WadaemonError(f"{path}: no valid answer from the daemon: {exc}") from None
     finally:

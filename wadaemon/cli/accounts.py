@@ -6,12 +6,13 @@ Every subcommand talks to the running daemon over its socket: the daemon runs th
 from __future__ import annotations
 
 import argparse
+import calendar
 import sys
 import time
 import urllib.parse
 from typing import Any, TextIO
 
-from wadaemon.cli.common import add_config_option, load
+from wadaemon.cli.common import add_config_option, age, load
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 from wadaemon.layout import validate_account_id
 from wadaemon.socket_client import request, stream
@@ -107,15 +108,11 @@ def main_add(args: argparse.Namespace) -> int:
 
 
 def _age(iso: str | None) -> str:
+    """The age of an ISO 8601 UTC time from the daemon (as iso_time writes them)."""
     if not iso:
         return "never"
-    then = time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-    s = max(0, int(time.time() - then))
-    if s < 120:
-        return f"{s}s ago"
-    if s < 7200:
-        return f"{s // 60}m ago"
-    return f"{s // 3600}h ago"
+    then = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+    return age(max(0.0, time.time() - then))
 
 
 def render(accounts: list[dict[str, Any]]) -> str:

@@ -76,6 +76,17 @@ def accounts_arg(ctx: Context, given: list[str], *, local: bool) -> list[str]:
     return sorted(names)
 
 
+def age(seconds: float | None) -> str:
+    """How long ago, for tables: `12s ago`, `5m ago`, `3.0h ago`, `never`."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
 def human_size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from wadaemon.cli.common import add_config_option, load
+from wadaemon.cli.common import add_config_option, age, load
 from wadaemon.socket_client import request
 
 
@@ -22,20 +22,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=main)
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
 def render(health: dict[str, Any]) -> str:
     lines = [
         f"wadaemon {health['version']}: {health['status']} ({health['phase']}), "
-        f"up {_age(health['uptime_seconds']).replace(' ago', '')}"
+        f"up {age(health['uptime_seconds']).replace(' ago', '')}"
     ]
     for name, check in health["checks"].items():
         mark = {"ok": " ", "degraded": "!", "failing": "X"}.get(check["status"], "?")
@@ -55,7 +45,7 @@ def render(health: dict[str, Any]) -> str:
             problem = problem or f"change pending for {a['pending_since_seconds']:.0f}s"
         lines.append(
             f"  {name:<20} {state:<15} {gen:>5}  "
-            f"{_age(a['seconds_since_last_backup']):<12} {problem}"
+            f"{age(a['seconds_since_last_backup']):<12} {problem}"
         )
     return "\n".join(lines)
 
