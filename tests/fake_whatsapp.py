@@ -12,6 +12,7 @@ files under $FAKE_WHATSAPP_DIR/<account>/:
     logout_on_connect      if present, the server answers a connect with LoggedOut (a real
                            logout, seen by a client that connects with a dead session)
     calls.log              what the daemon asked: connect, stop, stopped, logout, pair_phone N
+    ../unreachable         if present, the servers cannot be reached at all (the probe says so)
 
 It writes the real `session.db` (SQLite, the whatsmeow table names) as the client would.
 """
@@ -192,6 +193,11 @@ class FakeClient:
                     self.sink(pb.Connected(status=True))
                     self._connected = True
             await asyncio.sleep(POLL_S)
+
+    @staticmethod
+    async def reachable() -> str | None:
+        flag = Path(os.environ[FAKE_DIR_ENV]) / "unreachable"
+        return f"cannot reach the fake servers: {flag.read_text()}" if flag.exists() else None
 
     async def stop(self) -> None:
         self._log("stop")

@@ -332,11 +332,20 @@ def test_a_refused_connect_is_retried_with_growing_backoff(wa: WhatsAppEnv) -> N
     wait_until(lambda: len(pattern.findall(wa.daemon.log())) >= 3, timeout=40)
     delays = [int(d) for d in pattern.findall(wa.daemon.log())]
     assert delays[2] > delays[0], delays
-    assert "connect failed: websocket: bad handshake" in wa.daemon.log()
+    assert wa.daemon.log().count("connect failed: websocket: bad handshake") >= 3
     info = wa.accounts()["acc1"]["whatsapp"]
     assert info["state"] == "offline" and info["connect_failures"] >= 3
     status, health = request(wa.env.socket, "GET", "/health")
     assert status == 200 and health["checks"]["whatsapp"]["status"] == "degraded"
+    # while the servers cannot be reached at all, the client is not even asked to connect
+    (wa.fake / "unreachable").write_text("no route")
+    wait_until(lambda: "cannot reach the fake servers: no route" in wa.daemon.log(), timeout=60)
+    connects = calls(wa.fake, "acc1").count("connect")
+    time.sleep(3)
+    assert calls(wa.fake, "acc1").count("connect") == connects
+    (wa.fake / "unreachable").unlink()
+    (wa.fake / "acc1" / "connect_error").unlink()
+    wa.wait_state("acc1", "connected", timeout=60)
 
 
 def test_accounts_list_and_remove(wa: WhatsAppEnv) -> None:
@@ -451,3 +460,24 @@ def test_firestore_gets_the_status_changes_and_the_logout_mark(
     head = store.read_head("acc1")
     assert head is not None and head.state == "logged_out"
     assert store.list_generations("acc1")  # kept
+
+
+def test_disconnects_are_tracked_and_an_outdated_client_is_retried(wa: WhatsAppEnv) -> None:
+    wa.start()
+    wa.pair("acc1")
+    wa.send("acc1", pb.Disconnected(status=True))
+    wa.wait_state("acc1", "disconnected")
+    wa.send("acc1", pb.Connected(status=True))  # the library reconnected by itself
+    wa.wait_state("acc1", "connected")
+    wa.send("acc1", pb.KeepAliveTimeout(ErrorCount=3, LastSuccess=0))
+    wa.wait_state("acc1", "disconnected")
+    assert "keep-alive timeout (3 errors)" in wa.accounts()["acc1"]["whatsapp"]["detail"]
+    wa.send("acc1", pb.KeepAliveRestored())
+    wa.wait_state("acc1", "connected")
+    connects = calls(wa.fake, "acc1").count("connect")
+    wa.send("acc1", pb.ClientOutdated())
+    # stopped, then connected again after a backoff (the library would not reconnect)
+    wait_until(lambda: calls(wa.fake, "acc1").count("connect") > connects, timeout=20)
+    wa.wait_state("acc1", "connected")
+    assert wa.daemon is not None
+    assert "client version is outdated" in wa.daemon.log()

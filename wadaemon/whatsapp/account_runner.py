@@ -468,6 +468,10 @@ class AccountRunner:
             "%s: WhatsApp says this client version is outdated; update the wadaemon package",
             self.account,
         )
+        # the library does not reconnect after this: retry with backoff (up to every 5 min)
+        self._restart = "WhatsApp refused this client version as outdated"
+        if self._client is not None:
+            self._spawn(self._client.stop(), "stop")
 
     def _ev_StreamError(self, event: Any) -> None:
         log.warning("%s: stream error %s", self.account, event.Code)

@@ -50,6 +50,8 @@ class WhatsAppClient(Protocol):
 
 
 ClientFactory = Callable[[str, Path, EventSink], WhatsAppClient]
+# A factory may also have `async reachable() -> str | None`: can its servers be reached (None) or
+# why not. The default asks whether web.whatsapp.com:443 accepts a TCP connection.
 
 
 def client_factory(go_log_level: str) -> ClientFactory:

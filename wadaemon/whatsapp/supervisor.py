@@ -20,6 +20,7 @@ from wadaemon.errors import WadaemonError
 from wadaemon.whatsapp.account_runner import AccountRunner, RunnerHost
 from wadaemon.whatsapp.client import ClientFactory, client_factory
 from wadaemon.whatsapp.pairing import Pairing
+from wadaemon.whatsapp.reachability import reachable
 
 log = logging.getLogger("wadaemon.whatsapp")
 
@@ -105,7 +106,8 @@ class Supervisor:
         runner = self.runners.get(account)
         if runner is None:
             self._size_for(len(self.runners) + 1)
-            runner = AccountRunner(account, self.host, self.factory, self.config)
+            probe = getattr(self.factory, "reachable", reachable)
+            runner = AccountRunner(account, self.host, self.factory, self.config, probe=probe)
             self.runners[account] = runner
             if self.started:
                 runner.start()
