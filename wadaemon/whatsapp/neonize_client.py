@@ -68,7 +68,7 @@ def load_neonize(go_log_level: str) -> Any:
 # process. All calls into it go through this lock, and a client's start holds it until the Go
 # side has registered the client (its first callback) or gave up.
 _GO_LOCK = asyncio.Lock()
-START_WAIT_S = 15.0
+START_WAIT_S = 60.0  # a dial that hangs ends with the Go side's own timeout well before
 
 
 class NeonizeClient:
@@ -83,6 +83,9 @@ class NeonizeClient:
         self._sink = sink
         self._events_module = ev_module
         self._client = aioze.NewAClient(str(db_path), uuid=account)
+        # NewAClient stops the Go client by uuid when it is garbage-collected, from whichever
+        # thread collects it and without this module's lock; this class stops it itself
+        self._client._stop_finalizer.detach()
         self._task: asyncio.Task[Any] | None = None
         self._stopping = False
         self._qr_seen = False
