@@ -109,7 +109,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
             "degraded" if attention else "ok",
             "need attention: " + ", ".join(attention)
             if attention
-            else f"{len(clients)} clients running",
+            else f"{len(clients)} client{'s' if len(clients) != 1 else ''} running",
         )
     overall = _worst([c.status for c in checks.values()])
     accounts: dict[str, Any] = {}

@@ -31,7 +31,7 @@ def render(health: dict[str, Any]) -> str:
         mark = {"ok": " ", "degraded": "!", "failing": "X"}.get(check["status"], "?")
         lines.append(f"  {mark} {name:<14} {check['detail']}")
     accounts = health["accounts"]
-    lines.append(f"{len(accounts)} accounts")
+    lines.append(f"{len(accounts)} account{'s' if len(accounts) != 1 else ''}")
     if accounts:
         lines.append(f"  {'ACCOUNT':<20} {'STATE':<15} {'GEN':>5}  {'LAST BACKUP':<12} PROBLEM")
     for name, a in accounts.items():

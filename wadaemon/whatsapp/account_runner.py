@@ -301,8 +301,6 @@ class AccountRunner:
         pairing.on_cancel = lambda: self._spawn(self._cancel_pairing(pairing), "pairing-cancel")
         self.pairing = pairing
         self._failures = 0
-        if self.state in ("", "stopped", "logged_out", "offline"):
-            self._set("needs_qr", "pairing requested")
         self._wake.set()
         self.start()
         return self.pairing
