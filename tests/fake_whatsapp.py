@@ -35,6 +35,7 @@ from wadaemon.whatsapp.client import ConnectError, EventSink
 FAKE_DIR_ENV = "FAKE_WHATSAPP_DIR"
 POLL_S = 0.05
 QR_EVERY_S = 1.0
+LOGOUT_EVENT_DELAY_S = 1.0
 
 _seq = itertools.count()
 
@@ -96,6 +97,7 @@ class FakeClient:
         self._stop = asyncio.Event()
         self._connected = False
         self._db: sqlite3.Connection | None = None
+        self._qr_task: asyncio.Task[None] | None = None
 
     def _log(self, what: str) -> None:
         with open(self.dir / "calls.log", "a") as fh:
@@ -142,8 +144,10 @@ class FakeClient:
             raise ConnectError(error.read_text().strip() or "refused")
         self._stop = asyncio.Event()
         tasks = [asyncio.create_task(self._deliver())]
+        self._qr_task = None
         if self._device() is None:
-            tasks.append(asyncio.create_task(self._show_qr_codes()))
+            self._qr_task = asyncio.create_task(self._show_qr_codes())
+            tasks.append(self._qr_task)
         else:
             tasks.append(asyncio.create_task(self._connect_soon()))
         try:
@@ -171,8 +175,6 @@ class FakeClient:
 
     async def _show_qr_codes(self) -> None:
         for n in itertools.count(1):
-            if self._device() is not None:
-                return  # paired: whatsmeow closes the QR channel
             self.sink(pb.QR(Codes=[f"2@fake-{self.account}-{n}"]))
             await asyncio.sleep(QR_EVERY_S)
 
@@ -184,12 +186,17 @@ class FakeClient:
                 path.unlink()
                 self._log(f"event {kind}")
                 self._apply(event)
-                self.sink(event)
+                if kind == "PairStatus" and self._qr_task is not None:
+                    self._qr_task.cancel()  # paired: whatsmeow closes the QR channel
                 if kind == "LoggedOut":
-                    # whatsmeow dispatches the event, then deletes the device from the store
+                    # whatsmeow sends the event off to a goroutine and deletes the device from
+                    # the store at once; through neonize's event channel and the Python callback
+                    # the event reaches the daemon later, after the change on disk
                     self._connected = False
                     self._open().execute("DELETE FROM whatsmeow_device")
-                elif kind == "PairStatus" and event.Status == pb.PairStatus.SUCCESS:
+                    await asyncio.sleep(LOGOUT_EVENT_DELAY_S)
+                self.sink(event)
+                if kind == "PairStatus" and event.Status == pb.PairStatus.SUCCESS:
                     self.sink(pb.Connected(status=True))
                     self._connected = True
             await asyncio.sleep(POLL_S)

@@ -82,6 +82,9 @@ class BackupEngine:
         self.replica = replica
         # account -> (fingerprint of its directory before its last good backup, generation)
         self._clean: dict[str, tuple[Fingerprint, int]] = {}
+        # account -> (fingerprint when `refuse` vetoed its snapshot, why): the snapshot's own
+        # reads touch -wal/-shm, so without this a vetoed account would be snapshotted forever
+        self._vetoed: dict[str, tuple[Fingerprint, str]] = {}
 
     def backup(
         self,
@@ -110,6 +113,9 @@ class BackupEngine:
             return BackupResult(
                 account, "unchanged", time.monotonic() - started, generation=clean[1]
             )
+        vetoed = self._vetoed.get(account)
+        if not force and vetoed is not None and vetoed[0] == before:
+            return BackupResult(account, "skipped", time.monotonic() - started, detail=vetoed[1])
         staging = self.layout.new_temp_dir("snapshot", account)
         try:
             snapshot = take_snapshot(account, source, staging)
@@ -117,7 +123,10 @@ class BackupEngine:
                 return BackupResult(account, "skipped", 0.0, detail="no files to back up")
             veto = refuse(snapshot) if refuse is not None else None
             if veto is not None:
+                if time.time_ns() - newest > RACY_NS:
+                    self._vetoed[account] = (before, veto)
                 return BackupResult(account, "skipped", time.monotonic() - started, detail=veto)
+            self._vetoed.pop(account, None)
             commit = self.replica.commit(snapshot)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
