@@ -25,6 +25,11 @@ MAX_EXPOSURE = 2.0
 ACCOUNT = "alice"
 TEST_DROPIN = "/run/systemd/system/wadaemon.service.d/90-test.conf"
 PROBE = Path(__file__).with_name("hardening_probe.py")
+CHECK_NEONIZE = Path(__file__).parents[2] / "debian" / "check-neonize.py"
+GO_LIBRARY = "neonize/neonize-linux-amd64.so"
+NEW_ACCOUNT = "acc1"
+# a Python traceback, or a Go panic or runtime crash, anywhere in the daemon's journal
+CRASH = re.compile(r"Traceback \(most recent call last\)|^panic: |^fatal error: |^goroutine \d+ \[")
 
 # A session as a WhatsApp client leaves it: a WAL-mode SQLite database and a JSON file, written
 # by the daemon's user (never by root: root-owned -wal/-shm files would lock the daemon out).
@@ -82,6 +87,13 @@ def exposure(output: str) -> float:
 
 def stat(c: Container, path: str) -> str:
     return c.run("stat", "-c", "%a %U %G", path).stdout.strip()
+
+
+def open_files(limits: str) -> tuple[int, int]:
+    """(soft, hard) `Max open files` from a /proc/PID/limits text."""
+    found = re.search(r"^Max open files\s+(\d+)\s+(\d+)\s", limits, re.MULTILINE)
+    assert found, limits
+    return int(found.group(1)), int(found.group(2))
 
 
 def session_facts(c: Container, account: str = ACCOUNT) -> dict[str, Any]:
@@ -313,6 +325,10 @@ def test_hardening_keeps_ctypes_and_extensions_working(release: Release) -> None
         "TimeoutStartSec",
         "TimeoutStopSec",
         "SyslogIdentifier",
+        # systemd deletes a unit's RuntimeDirectory= when it stops: the probe's would be the
+        # daemon's /run/wadaemon, socket included
+        "RuntimeDirectory",
+        "RuntimeDirectoryMode",
     )
     lines, section = [], ""
     for line in c.read(path).splitlines():
@@ -347,6 +363,112 @@ def test_hardening_keeps_ctypes_and_extensions_working(release: Release) -> None
     )
     assert result == {"Result": "success", "ExecMainStatus": "0"}, (result, said)
     assert any("failures: none" in m for m in said)
+    c.run("test", "-S", SOCKET)  # the daemon's socket is still there
+
+
+def test_whatsapp_clients_run_under_the_unit(release: Release) -> None:
+    """The shipped configuration runs WhatsApp clients: the daemon has neonize's Go library
+    loaded, the wheel's file, unchanged, with the descriptor limit of the unit."""
+    c = release.container
+    enabled = c.run(
+        VENV_PYTHON, "-c", f"import yaml; print(yaml.safe_load(open('{CONFIG}'))['whatsapp'])"
+    ).stdout
+    assert "'enabled': True" in enabled, enabled
+    assert_active(c)
+    pid = c.show("wadaemon", "MainPID")["MainPID"]
+    assert c.messages("--unit=wadaemon", "--grep=^whatsapp: supervising \\d+ accounts")
+    maps = c.read(f"/proc/{pid}/maps")
+    loaded = {line.split()[-1] for line in maps.splitlines() if GO_LIBRARY in line}
+    assert len(loaded) == 1 and next(iter(loaded)).startswith("/opt/venvs/wadaemon/"), loaded
+    # LimitNOFILE=65536, or as close as the container's own hard limit allows (systemd clamps)
+    assert c.show("wadaemon", "LimitNOFILE")["LimitNOFILE"] == "65536"
+    ceiling = open_files(c.read("/proc/1/limits"))[1]
+    limits = open_files(c.read(f"/proc/{pid}/limits"))
+    assert limits == (min(65536, ceiling),) * 2, (limits, ceiling)
+    release.facts["daemon's descriptor limit"] = f"{limits[0]} (container's hard limit {ceiling})"
+    # the library is the wheel's and reports the version neonize expects: no download, ever
+    c.write("/usr/local/lib/wadaemon-check-neonize.py", CHECK_NEONIZE.read_text())
+    said = c.run(
+        VENV_PYTHON, "-B", "/usr/local/lib/wadaemon-check-neonize.py", "/opt/venvs/wadaemon"
+    ).stdout
+    assert "is the wheel's" in said, said
+    assert c.run("dpkg", "--verify", "wadaemon").stdout == ""  # no packaged file changed
+    downloads = [m for m in c.messages("--unit=wadaemon") if "download" in m.lower()]
+    assert not downloads, downloads
+    status = c.read(f"/proc/{pid}/status")
+    rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    threads = re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)
+    fds = c.run("ls", f"/proc/{pid}/fd").stdout.split()
+    release.facts["daemon with WhatsApp clients, no account"] = (
+        f"RSS {int(rss.group(1)) // 1024 if rss else '?'} MiB, "
+        f"{threads.group(1) if threads else '?'} threads, {len(fds)} descriptors"
+    )
+    release.facts["neonize's Go library"] = said.strip()
+
+
+def test_accounts_list_without_accounts(release: Release) -> None:
+    c = release.container
+    r = c.run("wadaemon", "accounts", "list")
+    assert "no accounts" in r.stdout, r.stdout
+    assert json.loads(c.run("wadaemon", "accounts", "list", "--json").stdout) == []
+
+
+def test_accounts_add_without_network_fails_fast(release: Release) -> None:
+    """The container has no network: pairing must say so quickly, not hang or kill the daemon."""
+    c = release.container
+    pid = c.show("wadaemon", "MainPID")["MainPID"]
+    started = time.monotonic()
+    r = c.run("wadaemon", "accounts", "add", NEW_ACCOUNT, check=False, input="", timeout=60)
+    seconds = time.monotonic() - started
+    timed(release, "accounts add, no network (exit 1)", seconds)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "cannot connect to WhatsApp" in out, (r.returncode, out)
+    release.facts["accounts add without network"] = f"{seconds:.1f} s: {r.stderr.strip()}"
+    assert_active(c)
+    assert c.show("wadaemon", "MainPID")["MainPID"] == pid
+
+
+def test_accounts_list_shows_the_account_needs_qr(release: Release) -> None:
+    c = release.container
+    out = c.run("wadaemon", "accounts", "list").stdout
+    assert re.search(rf"^{NEW_ACCOUNT}\s+needs qr\s", out, re.MULTILINE), out
+    accounts = json.loads(c.run("wadaemon", "accounts", "list", "--json").stdout)
+    mine = [a for a in accounts if a["account"] == NEW_ACCOUNT]
+    assert mine and (mine[0].get("whatsapp") or {}).get("state") == "needs_qr", accounts
+
+
+def test_stop_and_start_with_whatsapp_clients(release: Release) -> None:
+    """Stopping ends the clients within 20 s; started again, the unpaired account waits for a
+    pairing (needs qr) instead of connecting."""
+    c = release.container
+    mark = c.cursor()
+    started = time.monotonic()
+    c.run("systemctl", "stop", "wadaemon", timeout=60)
+    seconds = time.monotonic() - started
+    timed(release, "systemctl stop with WhatsApp clients", seconds)
+    assert seconds < 20
+    result = c.show("wadaemon", "Result", "ExecMainStatus", "ActiveState")
+    assert result == {"Result": "success", "ExecMainStatus": "0", "ActiveState": "inactive"}, result
+    index_of(daemon_entries(c, after=mark), "^stopped$")
+    started = time.monotonic()
+    c.run("systemctl", "start", "wadaemon", timeout=300)  # returns once READY=1 came
+    timed(release, "systemctl start with WhatsApp clients (READY)", time.monotonic() - started)
+    assert_active(c)
+
+    def state() -> str | None:
+        accounts = json.loads(c.run("wadaemon", "accounts", "list", "--json").stdout)
+        found = [a for a in accounts if a["account"] == NEW_ACCOUNT]
+        return (found[0].get("whatsapp") or {}).get("state") if found else None
+
+    wait_for(lambda: state() == "needs_qr", 30, f"{NEW_ACCOUNT} to wait for a pairing again")
+
+
+def test_journal_has_no_traceback(release: Release) -> None:
+    c = release.container
+    crashes = [m for m in c.messages("--unit=wadaemon") if CRASH.search(m)]
+    assert not crashes, "\n".join(crashes)
+    journal = c.run("journalctl", "--unit=wadaemon", "--no-pager").stdout
+    assert "Traceback" not in journal, journal[-4000:]
 
 
 def test_backup_then_restore_before_ready(release: Release) -> None:

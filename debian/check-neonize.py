@@ -1,0 +1,80 @@
+"""Check that the virtualenv carries neonize's Go library exactly as its wheel shipped it.
+
+    python3 debian/check-neonize.py VENV
+
+neonize compares the version its Go library reports with its own at import and, on a mismatch
+(or a missing file), downloads another library from the internet into the virtualenv. The
+installed daemon must never do that (it could not anyway: /opt is read-only to the service),
+so the build stops here unless:
+- the library's SHA-256 and size are the ones in the wheel's RECORD (nothing, such as dh_strip,
+  rewrote it), and
+- loaded with ctypes, its GetVersion() is the version neonize expects (download.py's
+  __GONEONIZE_VERSION__) and the version of the installed distribution.
+Prints one line; exits 1 on any difference. Imports nothing from neonize (its import would try
+the download).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import ctypes
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+LIBRARY = "neonize/neonize-linux-amd64.so"
+
+
+def main(venv: Path) -> int:
+    sites = sorted(venv.glob("lib/python3*/site-packages"))
+    if len(sites) != 1:
+        print(f"check-neonize: expected one site-packages in {venv}, found {sites}")
+        return 1
+    site = sites[0]
+    dist_infos = sorted(site.glob("neonize-*.dist-info"))
+    if len(dist_infos) != 1:
+        print(f"check-neonize: expected one neonize-*.dist-info in {site}, found {dist_infos}")
+        return 1
+    dist_version = dist_infos[0].name.removeprefix("neonize-").removesuffix(".dist-info")
+    with (dist_infos[0] / "RECORD").open(newline="") as fh:
+        record = {row[0]: row[1:] for row in csv.reader(fh) if row}
+    if LIBRARY not in record:
+        print(f"check-neonize: {LIBRARY} is not in the wheel's RECORD")
+        return 1
+    algorithm, _, expected = record[LIBRARY][0].partition("=")
+    expected_size = int(record[LIBRARY][1])
+    path = site / LIBRARY
+    data = path.read_bytes()
+    digest = base64.urlsafe_b64encode(hashlib.new(algorithm, data).digest()).rstrip(b"=")
+    if digest.decode() != expected or len(data) != expected_size:
+        print(
+            f"check-neonize: {path} is not the wheel's file: {algorithm} {digest.decode()}, "
+            f"{len(data)} bytes; RECORD says {expected}, {expected_size} bytes"
+        )
+        return 1
+    download_py = (site / "neonize" / "download.py").read_text()
+    found = re.search(r'^__GONEONIZE_VERSION__ = "([^"]+)"', download_py, re.MULTILINE)
+    if not found:
+        print("check-neonize: no __GONEONIZE_VERSION__ in neonize/download.py")
+        return 1
+    wanted = found.group(1)
+    go = ctypes.CDLL(str(path))
+    go.GetVersion.restype = ctypes.c_char_p
+    reported = go.GetVersion().decode()
+    if not reported == wanted == dist_version:
+        print(
+            f"check-neonize: the Go library reports {reported}, neonize expects {wanted}, "
+            f"the wheel is {dist_version}: neonize would download another library at import"
+        )
+        return 1
+    print(
+        f"check-neonize: {LIBRARY} is the wheel's ({len(data)} bytes, {algorithm} matches "
+        f"RECORD) and reports version {reported}, the one neonize {dist_version} expects"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
