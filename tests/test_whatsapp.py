@@ -378,6 +378,9 @@ def test_accounts_list_and_remove(wa: WhatsAppEnv) -> None:
     assert wa.store().list_generations("acc1") == []
     assert wa.store().list_pieces("acc1") == set()
     assert "acc1" not in wa.accounts() and "acc2" in wa.accounts()
+    time.sleep(1.5)  # records are coalesced for a second: nothing older may land after this one
+    record = wa.store().read_account("acc1")
+    assert record is not None and record["status"] == "removed"
     # a restart does not bring it back either
     assert wa.daemon is not None
     assert wa.daemon.stop() == 0

@@ -780,10 +780,10 @@ class Daemon:
         known = account in self.state.accounts or self.layout.account_dir(account).exists()
         if not known:
             raise WadaemonError(f"{account}: no such account")
+        self._held.add(account)  # no backup of a session being logged out and deleted
         said = "no WhatsApp client (sidecar mode)"
         if self.supervisor is not None:
             said = await self.supervisor.remove(account)
-        self._held.add(account)  # no backup of a session being deleted
         deleted = 0
         if self.replica is not None:
             try:
@@ -799,6 +799,7 @@ class Daemon:
             await asyncio.to_thread(shutil.rmtree, path)
         self.state.accounts.pop(account, None)
         self._held.discard(account)
+        self._pending_records.pop(account, None)  # a late "stopped" must not follow "removed"
         await self._record(account, {"status": "removed", "removedAt": iso_time(time.time())})
         log.warning(
             "%s: removed: %s; %d backup objects and the local session deleted",

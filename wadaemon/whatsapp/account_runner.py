@@ -348,7 +348,6 @@ class AccountRunner:
         result = await self.host.backup_at_once(self.account, "paired")
         if pairing is not None:
             self.pairing = None
-            pairing.paired = True
             pairing.finish(
                 "paired",
                 phone=self.st.phone,
@@ -396,6 +395,8 @@ class AccountRunner:
             jid = f"{event.ID.User}@{event.ID.Server}" if event.ID.User else ""
             phone = phone_of(jid) if jid else ""
             log.info("%s: paired with %s; backing up at once", self.account, phone or "a phone")
+            if pairing is not None:
+                pairing.paired = True  # from now on neither the deadline nor a cancel ends it
             self._set("connecting", "paired; connecting")
             self._spawn(self._paired(pairing, phone), "paired-backup")
         else:
