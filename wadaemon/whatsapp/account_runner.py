@@ -268,7 +268,10 @@ class AccountRunner:
                 log.exception("%s: the WhatsApp client failed", self.account)
             self._failures += 1
             if pairing is not None:
-                self._end_pairing(f"cannot connect to WhatsApp: {exc}")
+                self._end_pairing(
+                    f"cannot connect to WhatsApp: {exc}; check that this machine reaches "
+                    "web.whatsapp.com:443 (DNS, firewall), then run the command again"
+                )
                 return
             await self._wait_retry(f"connect failed: {exc}")
             return
