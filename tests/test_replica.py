@@ -52,7 +52,7 @@ def test_nothing_in_the_store_is_plaintext(tmp_path: Path, keyring: Keyring) -> 
     db = tmp_path / "sessions" / "alice" / "session.db"
     make_db(db, rows=2000)
     secret = "phone-number-15551234567"
-    (db.parent / "creds.json").write_text(secret * 3)
+    (db.parent / "creds.json").write_text(f'{{"me": "{secret * 3}"}}')
     engine.backup("alice")
     blobs = [p for p in (tmp_path / "backups").rglob("*") if p.is_file()]
     assert len(blobs) > 3
@@ -102,7 +102,7 @@ def test_crash_before_head_switch_keeps_old_head(
     tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, replica = setup_engine(tmp_path, keyring)
-    f = tmp_path / "sessions" / "dave" / "state.json"
+    f = tmp_path / "sessions" / "dave" / "state.txt"
     f.parent.mkdir(parents=True)
     f.write_text("one")
     engine.backup("dave")
@@ -194,7 +194,7 @@ def test_steady_state_commits_do_not_list_the_store(
 
 def test_temporary_files_of_a_dead_writer_are_swept(tmp_path: Path, keyring: Keyring) -> None:
     engine, replica = setup_engine(tmp_path, keyring)
-    f = tmp_path / "sessions" / "gina" / "x.json"
+    f = tmp_path / "sessions" / "gina" / "x.txt"
     f.parent.mkdir(parents=True)
     f.write_text("1")
     engine.backup("gina")

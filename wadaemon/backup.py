@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from wadaemon.errors import WadaemonError
 from wadaemon.layout import SessionsLayout, has_files
-from wadaemon.replica import CommitResult, Replica
-from wadaemon.snapshot import Snapshot, take_snapshot
+from wadaemon.replica import CommitResult, Replica, StaleSnapshot
+from wadaemon.snapshot import Snapshot, StatKey, take_snapshot
 
 # A fingerprint newer than this may miss a later change with the same mtime (timestamps are
 # coarse), so it is not trusted, as git does with "racily clean" entries.
 RACY_NS = 2_000_000_000
 
-Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class BackupResult:
 
 
 def fingerprint(root: Path) -> tuple[Fingerprint, int]:
-    """(path, size, mtime, inode, mode) of every file under root, and the newest mtime (ns).
+    """(path, size, mtime, inode, mode, uid, gid) of every file and directory under root, and
+    the newest mtime (ns).
 
     Taken with stat(2) only: the daemon never opens a live database. `-shm` files are left
     out: they change when a database is merely read (the snapshot worker's own reads included)
@@ -62,7 +65,7 @@ def fingerprint(root: Path) -> tuple[Fingerprint, int]:
     entries = []
     newest = 0
     for dirpath, _dirs, files in os.walk(root):
-        for name in files:
+        for name in (".", *files):
             if name.endswith("-shm"):
                 continue
             full = os.path.join(dirpath, name)
@@ -70,9 +73,14 @@ def fingerprint(root: Path) -> tuple[Fingerprint, int]:
                 st = os.lstat(full)
             except FileNotFoundError:
                 continue
-            newest = max(newest, st.st_mtime_ns)
             rel = os.path.relpath(full, root)
-            entries.append((rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode))
+            if stat.S_ISDIR(st.st_mode):  # a directory's mtime changes with its entries
+                entries.append((rel, 0, 0, st.st_ino, st.st_mode, st.st_uid, st.st_gid))
+                continue
+            newest = max(newest, st.st_mtime_ns)
+            entries.append(
+                (rel, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, st.st_uid, st.st_gid)
+            )
     return tuple(sorted(entries)), newest
 
 
@@ -85,6 +93,9 @@ class BackupEngine:
         # account -> (fingerprint when `refuse` vetoed its snapshot, why): the snapshot's own
         # reads touch -wal/-shm, so without this a vetoed account would be snapshotted forever
         self._vetoed: dict[str, tuple[Fingerprint, str]] = {}
+        # account -> (generation, {path: stat key}): files whose stored content in that
+        # generation stands for them while their stat key is unchanged
+        self._known: dict[str, tuple[int, dict[str, StatKey]]] = {}
 
     def backup(
         self,
@@ -99,8 +110,11 @@ class BackupEngine:
         would hide the last good one. Unless `force`, a directory whose files all still have the
         size, mtime and inode they had before the last good backup is not snapshotted again:
         the snapshot's own open of a database touches its -wal/-shm files, which would
-        otherwise look like a change and start an endless series of backups. `refuse` may veto
-        a snapshot (returning why): it is then skipped, never committed.
+        otherwise look like a change and start an endless series of backups. And unless
+        `force`, a file whose stat is what it was when the last generation captured it is not
+        read again (its stored content stands for it), so the cost follows the change, not the
+        number of files. `refuse` may veto a snapshot (returning why): it is then skipped,
+        never committed.
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
@@ -116,29 +130,67 @@ class BackupEngine:
         vetoed = self._vetoed.get(account)
         if not force and vetoed is not None and vetoed[0] == before:
             return BackupResult(account, "skipped", time.monotonic() - started, detail=vetoed[1])
-        staging = self.layout.new_temp_dir("snapshot", account)
+        known = None if force else self._known.get(account)
         try:
-            snapshot = take_snapshot(account, source, staging)
-            if not snapshot.files:
-                return BackupResult(account, "skipped", 0.0, detail="no files to back up")
-            veto = refuse(snapshot) if refuse is not None else None
-            if veto is not None:
-                if time.time_ns() - newest > RACY_NS:
-                    self._vetoed[account] = (before, veto)
-                return BackupResult(account, "skipped", time.monotonic() - started, detail=veto)
-            self._vetoed.pop(account, None)
-            commit = self.replica.commit(snapshot)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            outcome = self._snapshot_and_commit(account, source, known, refuse)
+        except StaleSnapshot:
+            self._known.pop(account, None)
+            outcome = self._snapshot_and_commit(account, source, None, refuse)
+        except WadaemonError:
+            self._known.pop(account, None)
+            raise
+        if isinstance(outcome, str):
+            if time.time_ns() - newest > RACY_NS:
+                self._vetoed[account] = (before, outcome)
+            return BackupResult(account, "skipped", time.monotonic() - started, detail=outcome)
+        self._vetoed.pop(account, None)
+        snapshot, commit = outcome
         if time.time_ns() - newest > RACY_NS:
             self._clean[account] = (before, commit.generation)
         else:
             self._clean.pop(account, None)
+        warnings = snapshot.warnings + tuple(
+            f"{path}: being written (torn); this generation keeps its last whole content"
+            for path in commit.carried
+        )
         return BackupResult(
             account,
             "created" if commit.created else "unchanged",
             time.monotonic() - started,
             commit,
             generation=commit.generation,
-            warnings=snapshot.warnings,
+            warnings=warnings,
         )
+
+    def _snapshot_and_commit(
+        self,
+        account: str,
+        source: Path,
+        known: tuple[int, dict[str, StatKey]] | None,
+        refuse: Callable[[Snapshot], str | None] | None,
+    ) -> tuple[Snapshot, CommitResult] | str:
+        """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
+        reason instead if `refuse` vetoed the snapshot."""
+        staging = self.layout.new_temp_dir("snapshot", account)
+        try:
+            started_ns = time.time_ns()
+            snapshot = take_snapshot(account, source, staging, known[1] if known else None)
+            if not snapshot.files:
+                return "no files to back up"
+            veto = refuse(snapshot) if refuse is not None else None
+            if veto is not None:
+                return veto
+            commit = self.replica.commit(snapshot, known[0] if known else None)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        # Stat keys that may stand for their file's content next time: not for a file modified
+        # so shortly before it was read that a later write could keep the same stat (racy).
+        previous = known[1] if known else {}
+        stats: dict[str, StatKey] = {}
+        for f in snapshot.files:
+            if f.status == "reused":
+                stats[f.path] = previous[f.path]
+            elif f.status == "copied" and f.stat is not None and f.stat[1] < started_ns - RACY_NS:
+                stats[f.path] = f.stat
+        self._known[account] = (commit.generation, stats)
+        return snapshot, commit

@@ -27,7 +27,7 @@ from wadaemon.backup import BackupEngine
 from wadaemon.backup_scheduler import BackupScheduler
 from wadaemon.config import Config, load_config
 from wadaemon.control_socket import ControlServer
-from wadaemon.errors import ConfigError, WadaemonError
+from wadaemon.errors import ConfigError, UnreadableSession, WadaemonError
 from wadaemon.health import alive, core_checks, report, status_line
 from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout
@@ -473,10 +473,15 @@ class Daemon:
             self.state.accounts.pop(outcome.account, None)  # removed on purpose: not an account
             log.debug("restore: %s", outcome.line())
             return
+        if outcome.backed_up is not None:
+            st.last_backup_generation = outcome.backed_up
         if outcome.ok:
-            exists = self.layout.account_dir(outcome.account).is_dir()
-            st.state = "protected" if exists else "missing"
+            self._settle(st)
             log.info("restore: %s", outcome.line())
+        elif outcome.status == "unreadable":
+            st.state = "unreadable"
+            st.last_error = outcome.detail
+            log.error("restore: %s", outcome.line())
         else:
             st.state = "restore_failed"
             log.error("restore: %s", outcome.line())
@@ -534,8 +539,18 @@ class Daemon:
         if st.pending_since is None:
             st.pending_since = time.monotonic()
         if st.state == "missing":
-            st.state = "protected"
+            self._settle(st)
         self.scheduler.touch(account)
+
+    def _settle(self, st: AccountState) -> None:
+        """An account's protection once nothing is in progress: protected only with a committed
+        generation (known from the boot restore or a backup), never merely because it exists."""
+        if not self.layout.account_dir(st.account).is_dir():
+            st.state = "missing"
+        elif st.last_backup_generation is None:
+            st.state = "unprotected"
+        else:
+            st.state = "protected"
 
     def _pass(self, why: str, *, force: bool = False) -> None:
         accounts = self.layout.local_accounts()
@@ -602,6 +617,8 @@ class Daemon:
             except (WadaemonError, OSError) as exc:
                 if isinstance(exc, StoreError):
                     self._store_failed(exc)
+                if isinstance(exc, UnreadableSession):
+                    st.state = "unreadable"
                 st.pending_since = min(filter(None, (covered, st.pending_since)), default=None)
                 st.consecutive_failures += 1
                 st.last_error = str(exc)
@@ -619,8 +636,7 @@ class Daemon:
         st.last_backup_result = result.status
         if result.status == "skipped":
             st.pending_since = None
-            if not self.layout.account_dir(account).is_dir():
-                st.state = "missing"
+            self._settle(st)
             log.warning("backup: %s", result.line())
             return True
         self._store_ok()
@@ -628,6 +644,7 @@ class Daemon:
         st.last_error = ""
         st.last_backup_at = time.time()
         st.last_backup_generation = result.generation
+        self._settle(st)
         if result.commit is not None and result.commit.created:
             self.metrics.uploaded_bytes.inc(result.commit.uploaded_bytes)
             log.info("backup: %s", result.line())

@@ -89,15 +89,7 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
         checks["store"] = Check(
             "degraded", f"{store.target} unreachable{since}: {store.last_error}"
         )
-    failing_accounts = sorted(
-        a.account
-        for a in state.accounts.values()
-        if a.state == "restore_failed" or a.consecutive_failures > 0
-    )
-    checks["accounts"] = Check(
-        "degraded" if failing_accounts else "ok",
-        "problems: " + ", ".join(failing_accounts) if failing_accounts else "all protected",
-    )
+    checks["accounts"] = _accounts_check(state)
     clients = [a for a in state.accounts.values() if a.client]
     if clients:
         attention = sorted(
@@ -144,6 +136,29 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
         "accounts": accounts,
     }
     return (503 if overall == "failing" else 200), body
+
+
+def _accounts_check(state: DaemonState) -> Check:
+    """failing: an account the daemon cannot read (it is not protected and no restart helps);
+    degraded: never backed up, restore failed, or backups failing."""
+    unreadable = sorted(
+        (a for a in state.accounts.values() if a.state == "unreadable"), key=lambda a: a.account
+    )
+    if unreadable:
+        return Check(
+            "failing",
+            "cannot read: " + "; ".join(a.last_error or a.account for a in unreadable),
+        )
+    problems = sorted(
+        f"{a.account} ({a.state.replace('_', ' ')})"
+        if a.state in ("unprotected", "restore_failed")
+        else f"{a.account} ({a.consecutive_failures} failed backups)"
+        for a in state.accounts.values()
+        if a.state in ("unprotected", "restore_failed") or a.consecutive_failures > 0
+    )
+    if problems:
+        return Check("degraded", "problems: " + ", ".join(problems))
+    return Check("ok", "all protected")
 
 
 def _client(a: AccountState, now: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from wadaemon.errors import WadaemonError
+from wadaemon.errors import UnreadableSession, WadaemonError, unreadable_message
 
 ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TMP_DIR = ".tmp"
@@ -140,5 +140,11 @@ class SessionsLayout:
 
 
 def has_files(path: Path) -> bool:
-    """True if the directory tree holds at least one regular file."""
-    return any(files for _dirpath, _dirs, files in os.walk(path))
+    """True if the directory tree holds at least one file. Raises UnreadableSession if a
+    directory in it cannot be listed: an unreadable session must never look empty."""
+
+    def fail(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise UnreadableSession(unreadable_message(exc.filename or path, exc.strerror))
+
+    return any(files for _dirpath, _dirs, files in os.walk(path, onerror=fail))

@@ -14,11 +14,28 @@ FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class FileEntry:
     path: str
-    kind: str  # "sqlite" | "file"
+    kind: str  # "sqlite", or a file_kinds name ("json", "file")
     mode: int
     size: int
     sha256: str
     pieces: tuple[str, ...]
+    # numeric owner and group; None in generations made before they were recorded
+    uid: int | None = None
+    gid: int | None = None
+    # SHA-256 of the content with SQLite's volatile header fields masked (what decides whether
+    # anything changed); "" in older generations, where sha256 stands for it except for SQLite
+    content_sha: str = ""
+
+    def same_content_sha(self) -> str:
+        return self.content_sha or ("" if self.kind == "sqlite" else self.sha256)
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    path: str  # "." for the account directory itself
+    mode: int
+    uid: int
+    gid: int
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,7 @@ class Manifest:
     digest: str
     files: tuple[FileEntry, ...]
     format: int = FORMAT_VERSION
+    dirs: tuple[DirEntry, ...] = ()  # empty in generations made before they were recorded
 
     @property
     def size(self) -> int:
@@ -55,8 +73,15 @@ class Manifest:
                     size=int(f["size"]),
                     sha256=str(f["sha256"]),
                     pieces=tuple(str(p) for p in f["pieces"]),
+                    uid=_opt_int(f.get("uid")),
+                    gid=_opt_int(f.get("gid")),
+                    content_sha=str(f.get("content_sha", "")),
                 )
                 for f in raw["files"]
+            )
+            dirs = tuple(
+                DirEntry(str(d["path"]), int(d["mode"]), int(d["uid"]), int(d["gid"]))
+                for d in raw.get("dirs", ())
             )
             manifest = cls(
                 account=str(raw["account"]),
@@ -65,6 +90,7 @@ class Manifest:
                 host=str(raw["host"]),
                 digest=str(raw["digest"]),
                 files=files,
+                dirs=dirs,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"manifest is malformed: {exc!r}") from None
@@ -73,8 +99,12 @@ class Manifest:
                 f"manifest says account {manifest.account!r} generation {manifest.generation}, "
                 f"expected {account!r} generation {generation}"
             )
-        for f in files:
-            parts = f.path.split("/")
-            if f.path.startswith("/") or ".." in parts or "" in parts:
-                raise IntegrityError(f"manifest holds an unsafe path {f.path!r}")
+        for path in [f.path for f in files] + [d.path for d in dirs if d.path != "."]:
+            parts = path.split("/")
+            if path.startswith("/") or ".." in parts or "" in parts or "." in parts:
+                raise IntegrityError(f"manifest holds an unsafe path {path!r}")
         return manifest
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from wadaemon.errors import DecryptError, IntegrityError, WadaemonError
+from wadaemon.file_kinds import OTHER, kind_of
 from wadaemon.keyring import Keyring, blob_key_id
 from wadaemon.manifest import FileEntry, Manifest
 from wadaemon.snapshot import Snapshot
@@ -68,6 +69,14 @@ def _content_sha(kind: str, data: bytes) -> str:
     return h.hexdigest()
 
 
+class StaleSnapshot(WadaemonError):
+    """The files a snapshot did not read are no longer what the store holds: read them again."""
+
+
+class TornFile(WadaemonError):
+    """A file stayed torn and has no whole committed copy to stand for it: retry later."""
+
+
 @dataclass(frozen=True)
 class CommitResult:
     account: str
@@ -79,6 +88,7 @@ class CommitResult:
     uploaded_pieces: int = 0
     uploaded_bytes: int = 0
     collected: GcResult | None = None
+    carried: tuple[str, ...] = ()  # torn files whose last whole committed content was kept
 
 
 @dataclass(frozen=True)
@@ -108,38 +118,55 @@ class Replica:
         # so a commit asks the store only about pieces it has not seen in the head.
         self._head_pieces: dict[str, tuple[int, frozenset[str]]] = {}
         self._pieces_of: dict[tuple[str, int], frozenset[str]] = {}  # manifests read or written
+        # account -> (generation, its files by path): the last generation committed or read
+        self._entries_of: dict[str, tuple[int, dict[str, FileEntry]]] = {}
         self._last_full_gc: dict[str, float] = {}  # account -> time.monotonic()
 
     # --- commit -------------------------------------------------------------------------------
 
-    def commit(self, snapshot: Snapshot) -> CommitResult:
+    def commit(self, snapshot: Snapshot, base_generation: int | None = None) -> CommitResult:
+        """Commit a snapshot as the account's next generation (or nothing if it equals the head).
+
+        Files the snapshot did not read stand for content already stored: a `reused` file is
+        the one the generation `base_generation` holds (it must still be the head, else
+        StaleSnapshot); a `torn` file keeps the last whole content the head holds (else
+        TornFile: nothing is committed and the backup is retried).
+        """
         account = snapshot.account
         key = self.keyring.current
-        entries: list[FileEntry] = []
-        fingerprint: list[list[object]] = []
+        copied: dict[str, FileEntry] = {}
         for f in snapshot.files:
+            if f.status != "copied":
+                continue
             data = (snapshot.root / f.path).read_bytes()
-            pieces = tuple(
-                key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
-                for o in range(0, len(data), PIECE_SIZE)
+            copied[f.path] = FileEntry(
+                path=f.path,
+                kind=f.kind,
+                mode=f.owner.mode,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                pieces=tuple(
+                    key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
+                    for o in range(0, len(data), PIECE_SIZE)
+                ),
+                uid=f.owner.uid,
+                gid=f.owner.gid,
+                content_sha=_content_sha(f.kind, data),
             )
-            entries.append(
-                FileEntry(
-                    path=f.path,
-                    kind=f.kind,
-                    mode=f.mode,
-                    size=len(data),
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    pieces=pieces,
-                )
-            )
-            fingerprint.append([f.path, f.kind, f.mode, len(data), _content_sha(f.kind, data)])
-        digest = key.digest(json.dumps(fingerprint, separators=(",", ":")).encode())
-        size = sum(e.size for e in entries)
-        all_ids = {p for e in entries for p in e.pieces}
+        dirs = snapshot.dirs
 
         with self.store.account_lock(account):
             head = self.store.read_head(account)
+            carried = self._carried(snapshot, head, base_generation)
+            entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
+            fingerprint: list[object] = [
+                [e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.same_content_sha()]
+                for e in entries
+            ]
+            fingerprint.append([[d.path, d.mode, d.uid, d.gid] for d in dirs])
+            digest = key.digest(json.dumps(fingerprint, separators=(",", ":")).encode())
+            size = sum(e.size for e in entries)
+            all_ids = {p for e in entries for p in e.pieces}
             if head is not None and head.state == "active" and head.digest == digest:
                 self._head_pieces[account] = (head.generation, frozenset(all_ids))
                 return CommitResult(
@@ -150,19 +177,29 @@ class Replica:
             if head is not None and known is not None and known[0] == head.generation:
                 candidates = all_ids - known[1]
             missing = self.store.missing_pieces(account, candidates) if candidates else set()
-            uploaded_bytes = self._upload(snapshot.root, account, entries, missing)
+            lost = {p for e in carried.values() for p in e.pieces if p in missing}
+            if lost:
+                raise StaleSnapshot(
+                    f"{account}: {len(lost)} pieces of files carried from generation "
+                    f"{head.generation if head else None} are gone from the store"
+                )
+            uploaded_bytes = self._upload(snapshot.root, account, list(copied.values()), missing)
             expected = head.generation if head else None
             generation = (expected or 0) + 1
             manifest = Manifest(
-                account, generation, _now(), socket.gethostname(), digest, tuple(entries)
+                account,
+                generation,
+                _now(),
+                socket.gethostname(),
+                digest,
+                tuple(entries),
+                dirs=dirs,
             )
             while not self.store.create_manifest(
                 account, generation, self._seal_manifest(manifest)
             ):
                 generation += 1  # a crashed or concurrent writer left a manifest with this number
-                manifest = Manifest(
-                    account, generation, manifest.created_at, manifest.host, digest, tuple(entries)
-                )
+                manifest = dataclasses.replace(manifest, generation=generation)
             # a head that is not active (logged out, removed) ended that session's history: its
             # generations hold a dead session and must never be restored behind the new one
             old_history = head.history if head and head.state == "active" else ()
@@ -174,6 +211,7 @@ class Replica:
             )
             self._head_pieces[account] = (generation, frozenset(all_ids))
             self._pieces_of[(account, generation)] = frozenset(all_ids)
+            self._entries_of[account] = (generation, {e.path: e for e in entries})
             fell_off = tuple(g for g in old_history if g not in history)
             collected = self._collect_after_commit(account, fell_off)
         return CommitResult(
@@ -186,7 +224,57 @@ class Replica:
             len(missing),
             uploaded_bytes,
             collected,
+            carried=tuple(sorted(f.path for f in snapshot.files if f.status == "torn")),
         )
+
+    def _carried(
+        self, snapshot: Snapshot, head: Head | None, base_generation: int | None
+    ) -> dict[str, FileEntry]:
+        """The stored entries that stand for the files the snapshot did not read."""
+        reused = [f for f in snapshot.files if f.status == "reused"]
+        torn = [f for f in snapshot.files if f.status == "torn"]
+        if not reused and not torn:
+            return {}
+        account = snapshot.account
+        active = head is not None and head.state == "active"
+        if reused and (not active or head is None or head.generation != base_generation):
+            raise StaleSnapshot(
+                f"{account}: the head moved from generation {base_generation} to "
+                f"{head.generation if head else None}; unchanged files must be read again"
+            )
+        previous = self._entries(account, head.generation) if active and head else {}
+        carried: dict[str, FileEntry] = {}
+        for f in reused:
+            entry = previous.get(f.path)
+            if entry is None:
+                raise StaleSnapshot(f"{account}: {f.path} is not in generation {base_generation}")
+            carried[f.path] = entry
+        for f in torn:
+            entry = previous.get(f.path)
+            if entry is None or not self._whole(account, entry):
+                raise TornFile(
+                    f"{account}: {f.path} is being written ({f.torn}) and no whole copy of it "
+                    "is backed up yet; nothing committed, the backup is retried"
+                )
+            carried[f.path] = entry
+        return carried
+
+    def _entries(self, account: str, generation: int) -> dict[str, FileEntry]:
+        cached = self._entries_of.get(account)
+        if cached is None or cached[0] != generation:
+            manifest = self.load_manifest(account, generation)
+            cached = (generation, {e.path: e for e in manifest.files})
+            self._entries_of[account] = cached
+        return cached[1]
+
+    def _whole(self, account: str, entry: FileEntry) -> bool:
+        """Whether a stored file passes its kind's test (an older version may have committed a
+        torn one); read only for kinds that have a test."""
+        kind = kind_of(entry.path)
+        if kind is OTHER or entry.kind == "sqlite":
+            return True
+        data = b"".join(self.read_piece(account, p) for p in entry.pieces)
+        return kind.torn(data) is None
 
     def set_head_state(self, account: str, state: str) -> Head | None:
         """Mark the head (active, logged_out, removed), keeping its generation and history."""
@@ -221,6 +309,7 @@ class Replica:
                 self.store.delete_piece(account, piece)
                 deleted += 1
         self._head_pieces.pop(account, None)
+        self._entries_of.pop(account, None)
         for key in [k for k in self._pieces_of if k[0] == account]:
             del self._pieces_of[key]
         return deleted

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wadaemon.errors import IntegrityError, WadaemonError
+from wadaemon.errors import IntegrityError, UnreadableSession, WadaemonError
 from wadaemon.fsutil import fsync_dir, fsync_tree
 from wadaemon.layout import SessionsLayout, has_files
 from wadaemon.manifest import Manifest
+from wadaemon.ownership import apply_owners
 from wadaemon.replica import Replica
 from wadaemon.snapshot import check_directory
 
@@ -35,23 +36,24 @@ class RestoreFailed(WadaemonError):
 
 @dataclass
 class LocalState:
-    state: str  # missing | empty | healthy | corrupt | unknown
+    state: str  # missing | empty | healthy | corrupt | unreadable | unknown
     detail: str = ""
 
 
 @dataclass
 class RestoreOutcome:
     account: str
-    status: str  # restored | kept | no-backup | inactive | failed | unchecked
+    status: str  # restored | kept | no-backup | inactive | failed | unchecked | unreadable
     generation: int | None = None
     detail: str = ""
     failures: list[str] = field(default_factory=list)
     quarantined: Path | None = None
     head_state: str = ""  # for inactive: the head's state (logged_out, removed)
+    backed_up: int | None = None  # the active head's generation, when the head was read
 
     @property
     def ok(self) -> bool:
-        return self.status not in ("failed", "unchecked")
+        return self.status not in ("failed", "unchecked", "unreadable")
 
     def line(self) -> str:
         text = f"{self.account}: {self.status}"
@@ -65,10 +67,12 @@ class RestoreOutcome:
 def inspect_local(path: Path) -> LocalState:
     if not path.is_dir():
         return LocalState("missing")
-    if not has_files(path):
-        return LocalState("empty")
     try:
+        if not has_files(path):
+            return LocalState("empty")
         report = check_directory(path)
+    except UnreadableSession as exc:
+        return LocalState("unreadable", str(exc))
     except WadaemonError as exc:
         return LocalState("unknown", f"could not check it: {exc}")
     if report.healthy:
@@ -76,19 +80,33 @@ def inspect_local(path: Path) -> LocalState:
     return LocalState("corrupt", report.describe_corruption())
 
 
-def build_generation(replica: Replica, account: str, generation: int, dest: Path) -> Manifest:
-    """Rebuild one generation into the new directory `dest` and verify it completely."""
+@dataclass(frozen=True)
+class Built:
+    manifest: Manifest
+    owners_note: str = ""  # what apply_owners could not set
+
+
+def build_generation(
+    replica: Replica, account: str, generation: int, dest: Path, *, owners: bool = True
+) -> Built:
+    """Rebuild one generation into the new directory `dest` and verify it completely: every
+    piece authenticated, every file's size and SHA-256, and every file whole by its kind's test
+    (integrity_check for databases, whole JSON...). With `owners`, files and directories get
+    their recorded modes and owners."""
     manifest = replica.load_manifest(account, generation)
     dest.mkdir(mode=0o700)
     for entry in manifest.files:
         target = dest / entry.path
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         replica.write_file(account, entry, target)
+    for d in manifest.dirs:
+        (dest / d.path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    note = apply_owners(dest, manifest) if owners else ""
     fsync_tree(dest)
     report = check_directory(dest, private_copy=True)
     if not report.healthy:
-        raise IntegrityError(f"restored copy fails integrity_check: {report.describe_corruption()}")
-    return manifest
+        raise IntegrityError(f"restored copy is not whole: {report.describe_corruption()}")
+    return Built(manifest, note)
 
 
 @dataclass(frozen=True)
@@ -120,7 +138,7 @@ def drill(replica: Replica, account: str, generation: int | None = None) -> Dril
     is_head = g == head.generation
     with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
         try:
-            m = build_generation(replica, account, g, Path(tmp) / account)
+            m = build_generation(replica, account, g, Path(tmp) / account, owners=False).manifest
         except (WadaemonError, OSError) as exc:
             return DrillResult(account, g, is_head, False, error=str(exc))
     return DrillResult(account, g, is_head, True, len(m.files), m.size, time.monotonic() - started)
@@ -131,15 +149,15 @@ class Restorer:
         self.layout = layout
         self.replica = replica
 
-    def build(self, account: str, generation: int, dest: Path) -> Manifest:
+    def build(self, account: str, generation: int, dest: Path) -> Built:
         return build_generation(self.replica, account, generation, dest)
 
     def build_newest(
         self, account: str, staging: Path, generation: int | None = None
-    ) -> tuple[int, Manifest, Path, list[str]]:
+    ) -> tuple[int, Built, Path, list[str]]:
         """Build the newest generation that verifies (or exactly `generation`) under `staging`.
 
-        Returns (generation, manifest, built directory, failures of newer generations).
+        Returns (generation, what was built, its directory, failures of newer generations).
         """
         head = self.replica.store.read_head(account)
         if head is None:
@@ -154,13 +172,13 @@ class Restorer:
         for g in candidates:
             built = staging / f"restore-{account}-{g}-{os.getpid()}-{os.urandom(4).hex()}"
             try:
-                manifest = self.build(account, g, built)
+                result = self.build(account, g, built)
             except (WadaemonError, OSError) as exc:
                 failures.append(f"generation {g}: {exc}")
                 log.warning("%s: generation %d cannot be restored: %s", account, g, exc)
                 shutil.rmtree(built, ignore_errors=True)  # our own partial copy
                 continue
-            return g, manifest, built, failures
+            return g, result, built, failures
         tried = ", ".join(str(g) for g in candidates) or "none"
         raise RestoreFailed(
             f"{account}: no generation could be restored (tried {tried}): " + "; ".join(failures),
@@ -175,11 +193,22 @@ class Restorer:
         target = self.layout.account_dir(account)
         local = inspect_local(target)
         if local.state == "healthy" and not force:
+            detail = f"local session is healthy ({local.detail})"
+            try:
+                head = self.replica.store.read_head(account)
+            except WadaemonError as exc:
+                return RestoreOutcome(account, "kept", detail=f"{detail}; backup unknown: {exc}")
+            active = head is not None and head.state == "active"
             return RestoreOutcome(
-                account, "kept", detail=f"local session is healthy ({local.detail})"
+                account,
+                "kept",
+                detail=detail if active else f"{detail}; not backed up yet",
+                backed_up=head.generation if head is not None and active else None,
             )
         if local.state == "unknown" and not force:
             return RestoreOutcome(account, "unchecked", detail=local.detail + "; left as it is")
+        if local.state == "unreadable":
+            return RestoreOutcome(account, "unreadable", detail=local.detail + "; left as it is")
         try:
             head = self.replica.store.read_head(account)
         except WadaemonError as exc:
@@ -194,7 +223,7 @@ class Restorer:
                 head_state=head.state,
             )
         try:
-            g, manifest, built, failures = self.build_newest(account, self.layout.tmp, generation)
+            g, result, built, failures = self.build_newest(account, self.layout.tmp, generation)
         except RestoreFailed as exc:
             return RestoreOutcome(account, "failed", detail=str(exc), failures=exc.failures)
         except WadaemonError as exc:
@@ -222,22 +251,28 @@ class Restorer:
                 failures,
                 quarantined,
             )
+        manifest = result.manifest
         detail = f"{len(manifest.files)} files, {manifest.size} bytes, local was {local.state}"
         if failures:
             detail += "; newer generations failed: " + "; ".join(failures)
+        if result.owners_note:
+            detail += "; " + result.owners_note
         if quarantined:
             detail += f"; previous copy moved to {quarantined}"
-        return RestoreOutcome(account, "restored", g, detail, failures, quarantined)
+        return RestoreOutcome(account, "restored", g, detail, failures, quarantined, backed_up=g)
 
     def restore_to(self, account: str, dest: Path, generation: int | None = None) -> RestoreOutcome:
         """Restore into `dest` (which must not exist, or be empty), outside the sessions path."""
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise WadaemonError(f"{dest} exists and is not an empty directory; choose a new path")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        g, manifest, built, failures = self.build_newest(account, dest.parent, generation)
+        g, result, built, failures = self.build_newest(account, dest.parent, generation)
         os.rename(built, dest)
         fsync_dir(dest.parent)
+        manifest = result.manifest
         detail = f"{len(manifest.files)} files, {manifest.size} bytes into {dest}"
         if failures:
             detail += "; newer generations failed: " + "; ".join(failures)
+        if result.owners_note:
+            detail += "; " + result.owners_note
         return RestoreOutcome(account, "restored", g, detail, failures)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 @dataclass
 class AccountState:
     account: str
-    state: str = "protected"  # protected | restoring | restore_failed | missing
+    # protected (a committed generation exists) | unprotected (none yet) | unreadable (the
+    # daemon's user may not read it) | restoring | restore_failed | missing
+    state: str = "unprotected"
     last_backup_at: float | None = None  # wall clock, last successful backup (or unchanged)
     last_backup_generation: int | None = None
     last_backup_result: str = ""  # created | unchanged | skipped | failed
