@@ -31,6 +31,7 @@ class BackupResult:
     generation: int | None = None
     detail: str = ""
     warnings: tuple[str, ...] = ()
+    files_read: int = 0  # files the snapshot read (the others were unchanged since the head)
 
     def line(self) -> str:
         c = self.commit
@@ -160,6 +161,7 @@ class BackupEngine:
             commit,
             generation=commit.generation,
             warnings=warnings,
+            files_read=sum(1 for f in snapshot.files if f.status == "copied"),
         )
 
     def _snapshot_and_commit(

@@ -19,7 +19,8 @@ class FileEntry:
     size: int
     sha256: str
     pieces: tuple[str, ...]
-    # numeric owner and group; None in generations made before they were recorded
+    # numeric owner and group; None in generations made before they were recorded, or when
+    # the daemon's user namespace does not map them (systemd's PrivateUsers=)
     uid: int | None = None
     gid: int | None = None
     # SHA-256 of the content with SQLite's volatile header fields masked (what decides whether
@@ -34,8 +35,8 @@ class FileEntry:
 class DirEntry:
     path: str  # "." for the account directory itself
     mode: int
-    uid: int
-    gid: int
+    uid: int | None  # None: unknown to the daemon (an owner its user namespace does not map)
+    gid: int | None
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Manifest:
                 for f in raw["files"]
             )
             dirs = tuple(
-                DirEntry(str(d["path"]), int(d["mode"]), int(d["uid"]), int(d["gid"]))
+                DirEntry(str(d["path"]), int(d["mode"]), _opt_int(d["uid"]), _opt_int(d["gid"]))
                 for d in raw.get("dirs", ())
             )
             manifest = cls(

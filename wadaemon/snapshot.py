@@ -103,8 +103,12 @@ def run_worker(
     return out
 
 
+def _opt(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _owner(raw: dict[str, Any]) -> Owner:
-    return Owner(int(raw["mode"]), int(raw["uid"]), int(raw["gid"]))
+    return Owner(int(raw["mode"]), _opt(raw["uid"]), _opt(raw["gid"]))
 
 
 def take_snapshot(
@@ -130,7 +134,7 @@ def take_snapshot(
         for f in out["files"]
     )
     dirs = tuple(
-        DirEntry(d["path"], int(d["mode"]), int(d["uid"]), int(d["gid"])) for d in out["dirs"]
+        DirEntry(d["path"], int(d["mode"]), _opt(d["uid"]), _opt(d["gid"])) for d in out["dirs"]
     )
     devices = tuple(
         (f["path"].replace("\\", "/"), int(f["devices"]))

@@ -89,8 +89,25 @@ def _is_sqlite(path: str) -> bool:
         os.close(fd)
 
 
-def _owner(st: os.stat_result) -> dict[str, int]:
-    return {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
+def _overflow_id(kind: str) -> int:
+    """The id the kernel shows for an owner unmapped in this user namespace (systemd's
+    PrivateUsers=): such an owner is unknown here, not user 65534."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 65534
+
+
+OVERFLOW_UID, OVERFLOW_GID = _overflow_id("uid"), _overflow_id("gid")
+
+
+def _owner(st: os.stat_result) -> dict[str, int | None]:
+    return {
+        "mode": stat.S_IMODE(st.st_mode),
+        "uid": None if st.st_uid == OVERFLOW_UID else st.st_uid,
+        "gid": None if st.st_gid == OVERFLOW_GID else st.st_gid,
+    }
 
 
 def _stat_key(st: os.stat_result) -> list[int]:

@@ -41,6 +41,8 @@ def render(health: dict[str, Any]) -> str:
         problem = a["last_error"] or ""
         if wa and state not in ("connected", "connecting", "pairing"):
             problem = problem or wa.get("detail") or ""
+        if state == "unprotected":
+            problem = problem or "never backed up"
         if a["pending_since_seconds"] is not None:
             problem = problem or f"change pending for {a['pending_since_seconds']:.0f}s"
         lines.append(
