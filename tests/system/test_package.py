@@ -519,6 +519,62 @@ def test_backup_then_restore_before_ready(release: Release) -> None:
     assert c.run("find", BACKUPS, SESSIONS, "!", "-user", "wadaemon").stdout == ""
 
 
+GATEWAY_DROPIN = "/etc/systemd/system/wadaemon.service.d/50-gateway.conf"
+GATEWAY_SESSION = f"{SESSIONS}/bob"
+# The gateway's session as Baileys' multi-file auth state leaves it, written with umask 007.
+WRITE_GATEWAY_SESSION = f"""umask 007
+mkdir {GATEWAY_SESSION} {GATEWAY_SESSION}/keys
+echo '{{"me": {{"id": "15551234567:1@s.whatsapp.net"}}}}' > {GATEWAY_SESSION}/creds.json
+echo '{{"keyPair": 1}}' > {GATEWAY_SESSION}/keys/pre-key-1.json
+"""
+
+
+def owners(c: Container, path: str) -> str:
+    return c.sh(f"cd {path} && find . -printf '%p %m %u %g\\n' | sort").stdout
+
+
+def test_sidecar_gateway_in_the_daemons_group_gets_its_session_back(release: Release) -> None:
+    """The README's sidecar set-up: a gateway running as its own user in the group wadaemon,
+    with umask 007. Its restored session keeps the group and the modes, so it can read and
+    write it again (the owner is the daemon's: a hardened daemon cannot give files away)."""
+    c = release.container
+    c.run("cp", "-p", CONFIG, "/root/wadaemon.yaml.sidecar")
+    try:
+        c.sh(f"sed -i '/^whatsapp:/,/^[a-z]/ s/^  enabled: .*/  enabled: false/' {CONFIG}")
+        c.run("useradd", "--system", "--gid", "wadaemon", "--no-create-home", "gateway")
+        c.write(GATEWAY_DROPIN, "[Service]\nStateDirectoryMode=0750\n")
+        c.run("dpkg-statoverride", "--update", "--add", "wadaemon", "wadaemon", "2770", SESSIONS)
+        c.run("systemctl", "daemon-reload")
+        c.run("systemctl", "restart", "wadaemon")
+        c.run("runuser", "-u", "gateway", "--", "sh", "-euc", WRITE_GATEWAY_SESSION)
+        before = owners(c, GATEWAY_SESSION)
+        assert "./creds.json 660 gateway wadaemon" in before, before
+        wait_for(lambda: generations(c, "bob") is not None, 30, "a backup of bob")
+        status = json.loads(c.run("wadaemon", "status", "--json").stdout)
+        assert status["accounts"]["bob"]["state"] == "protected", status["accounts"]["bob"]
+
+        c.run("systemctl", "stop", "wadaemon")
+        c.run("rm", "-rf", GATEWAY_SESSION)
+        mark = c.cursor()
+        c.run("systemctl", "start", "wadaemon")
+        index_of(daemon_entries(c, after=mark), r"^restore: bob: restored")
+        after = owners(c, GATEWAY_SESSION)
+        assert after == before.replace(" gateway ", " wadaemon "), (before, after)
+        c.run("runuser", "-u", "gateway", "--", "cat", f"{GATEWAY_SESSION}/creds.json")
+        c.run(
+            "runuser", "-u", "gateway", "--", "sh", "-c", f"echo '{{}}' > {GATEWAY_SESSION}/x.json"
+        )
+        c.run("wadaemon", "accounts", "remove", "bob", "--yes")
+    finally:
+        c.run("rm", "-rf", GATEWAY_SESSION, GATEWAY_DROPIN)
+        c.run("dpkg-statoverride", "--remove", SESSIONS, check=False)
+        c.run("chmod", "0700", SESSIONS)
+        c.run("userdel", "gateway", check=False)
+        c.run("cp", "-p", "/root/wadaemon.yaml.sidecar", CONFIG)
+        c.run("systemctl", "daemon-reload")
+        c.run("systemctl", "restart", "wadaemon")
+
+
 def test_reload(release: Release) -> None:
     c = release.container
     pid = c.show("wadaemon", "MainPID")["MainPID"]
