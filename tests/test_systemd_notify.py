@@ -268,3 +268,29 @@ def test_journal_stream_gives_priority_prefixes_and_no_timestamps(env: Env) -> N
     assert lines[-1].startswith("<2>cannot continue: ")
     assert "chmod 600" in lines[-1]
     assert not any(line[3:4].isdigit() for line in lines)  # no timestamps
+
+
+def test_a_deleted_key_file_fails_health_but_not_the_watchdog(
+    env: Env, daemon_factory: type[DaemonProcess], notify: NotifySocket
+) -> None:
+    daemon = start(env, daemon_factory, notify, 1_000_000)
+    wait_until(lambda: notify.count("READY=1") == 1)
+    assert json.loads(curl(env, "GET", "/health")[1])["checks"]["keys"]["status"] == "ok"
+    copy = env.root / "copy.key"
+    env.key.rename(copy)
+    deleted_at = time.monotonic()
+    wait_until(lambda: curl(env, "GET", "/health")[0] == 503, timeout=25)  # checked every 10 s
+    keys = json.loads(curl(env, "GET", "/health")[1])["checks"]["keys"]
+    assert keys["status"] == "failing"
+    assert f"encryption.key_file: key file {env.key} not found" in keys["detail"]
+    assert "the daemon keeps using key" in keys["detail"]
+    assert "put the file back from your copy before the next restart" in keys["detail"]
+    time.sleep(11)  # checked again: still failing, logged once
+    assert curl(env, "GET", "/health")[0] == 503
+    assert daemon.log().count("keys: ") == 1
+    assert max(gaps(notify.pings(deleted_at))) < 1.0  # a lost key is no reason for a restart
+
+    copy.rename(env.key)
+    wait_until(lambda: curl(env, "GET", "/health")[0] == 200, timeout=25)
+    assert daemon.log().count(f"keys: key file {env.key}: ok again") == 1
+    assert daemon.stop() == 0

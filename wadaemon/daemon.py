@@ -29,9 +29,11 @@ from wadaemon.config import Config, load_config
 from wadaemon.control_socket import ControlServer
 from wadaemon.errors import ConfigError, UnreadableSession, WadaemonError
 from wadaemon.health import alive, core_checks, report, status_line
+from wadaemon.key_watch import KEY_FILES_EVERY_S, KeyWatch, key_file_problems
 from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout
 from wadaemon.logs import setup_logging
+from wadaemon.lost_keys import sealed_heads
 from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
 from wadaemon.replica import Replica
@@ -81,9 +83,11 @@ class Daemon:
         self.replica: Replica | None = None
         self.engine: BackupEngine | None = None
         self.restorer: Restorer | None = None
+        self.keys: KeyWatch | None = None
         if store is not None:
             if keyring is None:
                 raise WadaemonError("a backup target is configured but no key is loaded")
+            self.keys = KeyWatch(config, keyring)
             self.replica = Replica(store, keyring, config.backup.keep_generations)
             self.engine = BackupEngine(self.layout, self.replica)
             self.restorer = Restorer(self.layout, self.replica)
@@ -109,6 +113,8 @@ class Daemon:
         self._first_restores: dict[str, asyncio.Future[RestoreOutcome]] = {}
         self._store_back = asyncio.Event()  # set (and replaced) when the store answers again
         self._probe: asyncio.Task[None] | None = None
+        self._key_files_check: asyncio.Task[None] | None = None
+        self._boot_heads: asyncio.Task[None] | None = None
         self._last_ping_ok = True
         self._host = socket.gethostname()
         self._held: set[str] = set()  # accounts whose backups wait (pairing, logout handling)
@@ -153,6 +159,8 @@ class Daemon:
             self.state.phase = "restoring"
             self.notifier.status(status_line(self.state))
             await self._restore_phase()
+        elif self.keys is not None:
+            self._spawn(self._read_boot_heads(None), "boot-heads")
         if self.engine:
             self._spawn(self.watcher.run(self.stop_event), "watcher")
             self._spawn(self._periodic(), "periodic")
@@ -214,7 +222,7 @@ class Daemon:
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
-        last_outage_log = last_probe = time.monotonic()
+        last_outage_log = last_probe = last_key_files = time.monotonic()
         expected = time.monotonic() + HEARTBEAT_S
         while True:
             await asyncio.sleep(max(0.0, expected - time.monotonic()))
@@ -235,6 +243,10 @@ class Daemon:
                         f"{n}: {c.detail}" for n, c in checks.items() if c.status == "failing"
                     )
                     log.error("watchdog: not pinging systemd: %s", failing)
+            checking = self._key_files_check is not None and not self._key_files_check.done()
+            if now - last_key_files >= KEY_FILES_EVERY_S and not checking:
+                last_key_files = now
+                self._key_files_check = asyncio.create_task(self._check_key_files())
             if now - last_status >= STATUS_EVERY_S:
                 self.notifier.status(status_line(self.state))
                 last_status = now
@@ -257,6 +269,13 @@ class Daemon:
             self._store_ok()
         finally:
             self._probe = None
+
+    async def _check_key_files(self) -> None:
+        """Has a key file been deleted, made unreadable or overwritten (the `keys` check)?"""
+        if self.keys is not None:
+            files = self.keys.files
+            problems = await asyncio.to_thread(key_file_problems, files)
+            self.keys.files_checked(files, problems)
 
     def _log_outage(self) -> None:
         store = self.state.store
@@ -316,6 +335,9 @@ class Daemon:
             if keyring.current.key_id != self.replica.keyring.current.key_id:
                 log.info("reload: new encryption key %s", keyring.current.key_id)
             self.replica.keyring = keyring
+            if self.keys is not None:
+                self.keys.reload(new, keyring)
+                self._spawn(self._check_key_files(), "key-files")
         self.config = new
         log.info("reload: done")
 
@@ -341,7 +363,8 @@ class Daemon:
                 "accounts, the others are restored once it answers"
             )
         firsts = list(self._first_restores.values())
-        await self._wait_all(firsts, deadline)
+        heads = [self._boot_heads] if self._boot_heads is not None else []
+        await self._wait_all([*firsts, *heads], deadline)  # heads: read before any backup
         pending = sorted(a for a, f in self._first_restores.items() if not f.done())
         if pending:
             log.warning(
@@ -415,6 +438,29 @@ class Daemon:
             self._store_ok()
             for account in sorted(accounts):
                 self._start_restore(account)
+            self._boot_heads = asyncio.create_task(self._read_boot_heads(accounts), name="heads")
+            self._tasks.append(self._boot_heads)
+            return
+
+    async def _read_boot_heads(self, accounts: list[str] | None) -> None:
+        """Which keys sealed the backups found at boot (the `keys` check): one head read per
+        account, beside the first restores; retried until the store answers."""
+        assert self.replica is not None and self.keys is not None
+        delay = RESTORE_RETRY_FIRST_S
+        while not self.stop_event.is_set():
+            try:
+                heads = await asyncio.to_thread(sealed_heads, self.replica.store, accounts)
+            except (WadaemonError, OSError) as exc:
+                self._store_failed(exc)
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "keys: cannot read the backup heads yet (%s); retrying in %.0f s", exc, wait
+                )
+                await self._pause(wait)
+                delay = min(RESTORE_RETRY_MAX_S, delay * 2)
+                continue
+            self._store_ok()
+            self.keys.heads_found(heads)
             return
 
     async def _restore_until_done(
@@ -665,7 +711,7 @@ class Daemon:
     # --- control socket API (ControlApi) -----------------------------------------------------
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        return report(self.state, self.core())
+        return report(self.state, self.core(), self.keys.check() if self.keys else None)
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()

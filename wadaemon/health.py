@@ -2,7 +2,8 @@
 
 Core parts are the event loop, the watcher and the backup engine. A backup store that cannot be
 reached makes the daemon `degraded`, never `failing`: restarting would not bring Firestore back,
-and the local sessions keep working meanwhile.
+and the local sessions keep working meanwhile. A lost key (see key_watch) makes it `failing`
+but does not gate the watchdog either: a restart would not bring the key back.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def alive(checks: dict[str, Check]) -> bool:
     return all(c.status != "failing" for c in checks.values())
 
 
-def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) for GET /health."""
+def report(
+    state: DaemonState, core: dict[str, Check], keys: Check | None = None
+) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) for GET /health. `keys`: the key check (see key_watch), absent
+    without a backup target."""
     now = time.time()
     mono = time.monotonic()
     checks = dict(core)
@@ -89,6 +93,8 @@ def report(state: DaemonState, core: dict[str, Check]) -> tuple[int, dict[str, A
         checks["store"] = Check(
             "degraded", f"{store.target} unreachable{since}: {store.last_error}"
         )
+    if keys is not None:
+        checks["keys"] = keys
     checks["accounts"] = _accounts_check(state)
     clients = [a for a in state.accounts.values() if a.client]
     if clients:

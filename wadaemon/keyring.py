@@ -80,6 +80,7 @@ class Keyring:
 
     def __init__(self, current: Key, old: Sequence[Key] = ()) -> None:
         self.current = current
+        self.old = tuple(old)  # as given, in order (key_watch watches the files they came from)
         self.by_id: dict[str, Key] = {}
         for key in (current, *old):
             self.by_id.setdefault(key.key_id, key)

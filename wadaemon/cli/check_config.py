@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from wadaemon.cli.common import add_config_option, keyring_for, load
-from wadaemon.store import open_store
+from wadaemon.config import Config
+from wadaemon.errors import EXIT_CONFIG, WadaemonError
+from wadaemon.keyring import Keyring
+from wadaemon.lost_keys import FIX, sealed_heads, with_unknown_keys
+from wadaemon.store import Store, open_store
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -14,10 +19,44 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler=main)
 
 
+def check_backups(config: Config, store: Store, keyring: Keyring) -> tuple[str, list[str]]:
+    """(the `backups` line, one error per account whose backup the loaded keys cannot read).
+    An unreachable store is a warning, not an error: the daemon checks again when it starts."""
+    try:
+        heads = sealed_heads(store)
+    except (WadaemonError, OSError) as exc:
+        print(
+            "wadaemon check-config: warning: the keys could not be checked against the backups "
+            f"in {store.describe()}: {exc}; run check-config again once the store answers",
+            file=sys.stderr,
+        )
+        return "not checked: the store cannot be reached", []
+    where = config.where("encryption", "old_key_files")
+    errors = [
+        f"{where}: the backup of {h.describe()} is sealed with key {h.key_id}, which is not "
+        f"loaded ({keyring.describe()}); {FIX}"
+        for h in with_unknown_keys(heads, keyring)
+    ]
+    n = len(heads)
+    return f"{n} account{'s' if n != 1 else ''}, every head readable with the loaded keys", errors
+
+
 def main(args: argparse.Namespace) -> int:
     config = load(args)
     keyring = keyring_for(config) if config.backup.target != "none" else None
     store = open_store(config)  # builds the client (credentials checked), no network call
+    backups = ""
+    errors: list[str] = []
+    try:
+        if store is not None and keyring is not None:
+            backups, errors = check_backups(config, store, keyring)
+    finally:
+        if store is not None:
+            store.close()
+    if errors:
+        for line in errors:
+            print(f"wadaemon check-config: {line}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"{config.path}: ok")
     print(f"  sessions_path   {config.sessions_path}")
     print(f"  socket_path     {config.socket_path}")
@@ -42,6 +81,6 @@ def main(args: argparse.Namespace) -> int:
         print("  whatsapp        sidecar mode: no clients, protects the directories only")
     if keyring is not None:
         print(f"  encryption      {keyring.describe()}")
-    if store is not None:
-        store.close()
+    if backups:
+        print(f"  backups         {backups}")
     return 0
