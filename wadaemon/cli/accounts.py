@@ -12,10 +12,9 @@ import time
 import urllib.parse
 from typing import Any, TextIO
 
-from wadaemon.cli.common import add_config_option, age, load
+from wadaemon.cli.common import add_config_option, age, ask, ask_stream, daemon_hints, load
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 from wadaemon.layout import validate_account_id
-from wadaemon.socket_client import request, stream
 
 STREAM_MARGIN_S = 60.0
 
@@ -81,7 +80,7 @@ def main_add(args: argparse.Namespace) -> int:
         url += "?" + urllib.parse.urlencode({"phone": args.phone})
     timeout = config.whatsapp.pairing_timeout_seconds + STREAM_MARGIN_S
     shown = 0
-    for update in stream(config.socket_path, "POST", url, timeout):
+    for update in ask_stream(config, "POST", url, timeout):
         event = update.get("event")
         if event == "qr" and not args.phone:
             show_qr(str(update["code"]), sys.stdout, first=shown == 0)
@@ -104,7 +103,10 @@ def main_add(args: argparse.Namespace) -> int:
             return 0
         elif event == "failed":
             raise WadaemonError(f"{account}: {update.get('error')}")
-    raise WadaemonError(f"{account}: the daemon ended the pairing without a result")
+    raise WadaemonError(
+        f"{account}: the daemon ended the pairing without a result; "
+        f"{daemon_hints(config.path).log} says why"
+    )
 
 
 def _age(iso: str | None) -> str:
@@ -139,7 +141,7 @@ def main_list(args: argparse.Namespace) -> int:
     import json
 
     config = load(args)
-    status, body = request(config.socket_path, "GET", "/accounts")
+    status, body = ask(config, "GET", "/accounts")
     if status != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else body
         raise WadaemonError(str(error))
@@ -164,7 +166,7 @@ def main_remove(args: argparse.Namespace) -> int:
         if answer.strip() != account:
             print("not removed", file=sys.stderr)
             return EXIT_FAILURE
-    status, body = request(config.socket_path, "DELETE", f"/accounts/{account}", timeout=600)
+    status, body = ask(config, "DELETE", f"/accounts/{account}", timeout=600)
     if status != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else body
         raise WadaemonError(str(error))
