@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,16 @@ def _connect_error(path: Path, exc: OSError, hint: str) -> WadaemonError:
 
 
 def stream(
-    path: Path, method: str, url: str, timeout: float, hint: str = ""
+    path: Path,
+    method: str,
+    url: str,
+    timeout: float,
+    hint: str = "",
+    accepted: Callable[[], object] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """JSON lines from a streaming endpoint, as they come. An error answer raises WadaemonError
-    with the daemon's message; `hint` (how to start the daemon) follows "not running"."""
+    with the daemon's message; `hint` (how to start the daemon) follows "not running".
+    `accepted` is called once the daemon has answered 200, before the first line."""
     conn = _UnixConnection(path, timeout)
     try:
         try:
@@ -60,6 +66,8 @@ def stream(
             except ValueError:
                 message = body
             raise WadaemonError(str(message).strip())
+        if accepted is not None:
+            accepted()
         while True:
             try:
                 line = response.readline()

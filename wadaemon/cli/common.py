@@ -7,7 +7,7 @@ import os
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,16 @@ def ask(config: Config, method: str, url: str, timeout: float = 30.0) -> tuple[i
     return request(config.socket_path, method, url, timeout, hint=daemon_hints(config.path).start)
 
 
-def ask_stream(config: Config, method: str, url: str, timeout: float) -> Iterator[dict[str, Any]]:
+def ask_stream(
+    config: Config,
+    method: str,
+    url: str,
+    timeout: float,
+    accepted: Callable[[], object] | None = None,
+) -> Iterator[dict[str, Any]]:
     """JSON lines from a streaming endpoint of this configuration's daemon (see `ask`)."""
-    return stream(config.socket_path, method, url, timeout, hint=daemon_hints(config.path).start)
+    hint = daemon_hints(config.path).start
+    return stream(config.socket_path, method, url, timeout, hint=hint, accepted=accepted)
 
 
 def keyring_for(config: Config) -> Keyring:
