@@ -58,12 +58,6 @@ class DaemonHints:
         return f"start it with `{self.command('run')}`"
 
     @property
-    def restart(self) -> str:
-        if self.systemd:
-            return "`systemctl restart wadaemon`"
-        return f"stop it (Ctrl-C) and run `{self.command('run')}` again"
-
-    @property
     def log(self) -> str:
         if self.systemd:
             return "its log (`journalctl -u wadaemon`)"
