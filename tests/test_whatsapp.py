@@ -38,6 +38,7 @@ class WhatsAppEnv:
         self.fake.mkdir()
         self._factory = daemon_factory
         self.daemon: DaemonProcess | None = None
+        self.pair_stderr = ""  # what the last `pair` printed on stderr
         self.configure()
 
     def configure(self, **whatsapp: object) -> None:
@@ -95,6 +96,7 @@ class WhatsAppEnv:
         self.send(account, paired_event(phone))
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
+        self.pair_stderr = err
         self.wait_state(account, "connected")
         return line + out
 
@@ -142,6 +144,13 @@ def test_pairing_by_qr_code_is_backed_up_at_once(wa: WhatsAppEnv, tmp_path: Path
     # the QR code itself is drawn in the terminal (segno's half blocks)
     assert "▀" in out or "█" in out
     assert re.search(r"acc1: paired with \+15551234567; backed up as generation \d+", out), out
+    # while it waits, the command says for what, once per phase, on stderr
+    assert wa.pair_stderr.splitlines() == [
+        "acc1: waiting for the daemon to start the client…",
+        "acc1: waiting for the first QR code from WhatsApp…",
+        "acc1: waiting for the phone to scan the code…",
+        "acc1: linked; waiting for the pairing to be backed up…",
+    ], wa.pair_stderr
     head = wa.store().read_head("acc1")
     assert head is not None and head.state == "active"
     # the generation made at pairing holds the paired device, before any debounce
@@ -173,6 +182,12 @@ def test_pairing_by_phone_code(wa: WhatsAppEnv) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "paired with +15551234567" in out
+    assert err.splitlines() == [
+        "acc2: waiting for the daemon to start the client…",
+        "acc2: waiting for the pairing code from WhatsApp…",
+        "acc2: waiting for the code to be entered on the phone…",
+        "acc2: linked; waiting for the pairing to be backed up…",
+    ], err
 
 
 def test_bad_phone_number_and_sidecar_mode_are_refused_clearly(wa: WhatsAppEnv) -> None:

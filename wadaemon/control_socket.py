@@ -6,8 +6,11 @@
     POST /accounts/{id}/backup     same
     POST /accounts/{id}/verify     same
     POST /accounts/{id}/pair       same; ?phone=NUMBER for a pairing code instead of QR codes.
-                                   Streams JSON lines: {"event": "qr", "code": ...} as codes
-                                   rotate, {"event": "code", ...}, then "paired" or "failed".
+                                   Streams JSON lines: {"event": "connecting"} when the client
+                                   starts, {"event": "qr", "code": ...} as codes rotate,
+                                   {"event": "code", ...}, {"event": "linked", "phone": ...}
+                                   when the phone accepted (the backup runs), then "paired" or
+                                   "failed".
     DELETE /accounts/{id}          same; logs out, deletes the backups and the local session
 The socket file is created under a temporary name, given mode 0660, then renamed into place, so
 it is never reachable with looser permissions. A stale socket left by a crash is replaced; a live

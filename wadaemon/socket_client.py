@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,10 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def _connect_error(path: Path, exc: OSError) -> WadaemonError:
+def _connect_error(path: Path, exc: OSError, hint: str) -> WadaemonError:
     if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
-        return NotRunning(
-            f"the daemon is not running (nothing listens on {path}); start it with "
-            "`systemctl start wadaemon`"
-        )
+        message = f"the daemon is not running (nothing listens on {path})"
+        return NotRunning(f"{message}; {hint}" if hint else message)
     if isinstance(exc, PermissionError):
         return WadaemonError(
             f"{path}: permission denied; run as root or as a member of the daemon's group"
@@ -43,16 +41,24 @@ def _connect_error(path: Path, exc: OSError) -> WadaemonError:
     return WadaemonError(f"{path}: no valid answer from the daemon: {exc}")
 
 
-def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[str, Any]]:
+def stream(
+    path: Path,
+    method: str,
+    url: str,
+    timeout: float,
+    hint: str = "",
+    accepted: Callable[[], object] | None = None,
+) -> Iterator[dict[str, Any]]:
     """JSON lines from a streaming endpoint, as they come. An error answer raises WadaemonError
-    with the daemon's message."""
+    with the daemon's message; `hint` (how to start the daemon) follows "not running".
+    `accepted` is called once the daemon has answered 200, before the first line."""
     conn = _UnixConnection(path, timeout)
     try:
         try:
             conn.request(method, url)
             response = conn.getresponse()
         except OSError as exc:
-            raise _connect_error(path, exc) from None
+            raise _connect_error(path, exc, hint) from None
         if response.status != 200:
             body = response.read().decode("utf-8", "replace")
             try:
@@ -60,6 +66,8 @@ def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[s
             except ValueError:
                 message = body
             raise WadaemonError(str(message).strip())
+        if accepted is not None:
+            accepted()
         while True:
             try:
                 line = response.readline()
@@ -73,15 +81,18 @@ def stream(path: Path, method: str, url: str, timeout: float) -> Iterator[dict[s
         conn.close()
 
 
-def request(path: Path, method: str, url: str, timeout: float = 30.0) -> tuple[int, Any]:
-    """(HTTP status, decoded JSON or text) from the daemon; NotRunning if nobody answers."""
+def request(
+    path: Path, method: str, url: str, timeout: float = 30.0, hint: str = ""
+) -> tuple[int, Any]:
+    """(HTTP status, decoded JSON or text) from the daemon; NotRunning if nobody answers, with
+    `hint` (how to start the daemon: the command knows, from its configuration)."""
     conn = _UnixConnection(path, timeout)
     try:
         conn.request(method, url)
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-        raise _connect_error(path, exc) from None
+        raise _connect_error(path, exc, hint) from None
     except (OSError, http.client.HTTPException) as exc:
         raise WadaemonError(f"{path}: no valid answer from the daemon: {exc}") from None
     finally:

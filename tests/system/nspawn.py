@@ -1,8 +1,8 @@
 """A Debian root filesystem booted with systemd as PID 1 in systemd-nspawn, driven with nsenter.
 
-The recipe is the one measured in shared/notes/systemd-testing.md: `--register=no --keep-unit`
-(no machined here), `--volatile=overlay` (the cached tree is never changed), `--private-network`
-(the container reaches nothing, so everything the package needs is already in the tree).
+The recipe: `--register=no --keep-unit` (no machined here), `--volatile=overlay` (the cached
+tree is never changed), `--private-network` (the container reaches nothing, so everything the
+package needs is already in the tree).
 """
 
 from __future__ import annotations

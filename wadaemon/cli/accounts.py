@@ -10,12 +10,12 @@ import calendar
 import sys
 import time
 import urllib.parse
+from functools import partial
 from typing import Any, TextIO
 
-from wadaemon.cli.common import add_config_option, age, load
+from wadaemon.cli.common import add_config_option, age, ask, ask_stream, daemon_hints, load
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 from wadaemon.layout import validate_account_id
-from wadaemon.socket_client import request, stream
 
 STREAM_MARGIN_S = 60.0
 
@@ -73,6 +73,31 @@ def show_qr(code: str, out: TextIO, *, first: bool) -> None:
     out.flush()
 
 
+class Waiting:
+    """One line on stderr per phase of a pairing, saying what the command waits for; a phase the
+    daemon skipped (or, being older, does not announce) is passed over, never gone back to."""
+
+    def __init__(self, account: str, phone: bool, out: TextIO) -> None:
+        self.out = out
+        self.phase = -1
+        code = "the pairing code" if phone else "the first QR code"
+        scan = "the code to be entered on the phone" if phone else "the phone to scan the code"
+        self.lines = [
+            f"{account}: waiting for the daemon to start the client…",  # the daemon answered
+            f"{account}: waiting for {code} from WhatsApp…",  # "connecting"
+            f"{account}: waiting for {scan}…",  # "qr" or "code"
+            f"{account}: linked; waiting for the pairing to be backed up…",  # "linked"
+        ]
+
+    def reached(self, phase: int) -> None:
+        if phase > self.phase:
+            self.phase = phase
+            print(self.lines[phase], file=self.out, flush=True)
+
+
+WAITING_PHASE = {"connecting": 1, "qr": 2, "code": 2, "linked": 3}
+
+
 def main_add(args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
     config = load(args)
@@ -81,9 +106,13 @@ def main_add(args: argparse.Namespace) -> int:
         url += "?" + urllib.parse.urlencode({"phone": args.phone})
     timeout = config.whatsapp.pairing_timeout_seconds + STREAM_MARGIN_S
     shown = 0
-    for update in stream(config.socket_path, "POST", url, timeout):
+    waiting = Waiting(account, bool(args.phone), sys.stderr)
+    accepted = partial(waiting.reached, 0)  # the daemon took the request: its answer streams
+    for update in ask_stream(config, "POST", url, timeout, accepted=accepted):
         event = update.get("event")
-        if event == "qr" and not args.phone:
+        if event == "qr" and args.phone:
+            continue  # neonize shows a QR code before it takes a phone number: not for the user
+        if event == "qr":
             show_qr(str(update["code"]), sys.stdout, first=shown == 0)
             shown += 1
         elif event == "code":
@@ -104,7 +133,12 @@ def main_add(args: argparse.Namespace) -> int:
             return 0
         elif event == "failed":
             raise WadaemonError(f"{account}: {update.get('error')}")
-    raise WadaemonError(f"{account}: the daemon ended the pairing without a result")
+        if event in WAITING_PHASE:
+            waiting.reached(WAITING_PHASE[str(event)])
+    raise WadaemonError(
+        f"{account}: the daemon ended the pairing without a result; "
+        f"{daemon_hints(config.path).log} says why"
+    )
 
 
 def _age(iso: str | None) -> str:
@@ -139,7 +173,7 @@ def main_list(args: argparse.Namespace) -> int:
     import json
 
     config = load(args)
-    status, body = request(config.socket_path, "GET", "/accounts")
+    status, body = ask(config, "GET", "/accounts")
     if status != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else body
         raise WadaemonError(str(error))
@@ -164,7 +198,7 @@ def main_remove(args: argparse.Namespace) -> int:
         if answer.strip() != account:
             print("not removed", file=sys.stderr)
             return EXIT_FAILURE
-    status, body = request(config.socket_path, "DELETE", f"/accounts/{account}", timeout=600)
+    status, body = ask(config, "DELETE", f"/accounts/{account}", timeout=600)
     if status != 200 or not isinstance(body, dict):
         error = body.get("error") if isinstance(body, dict) else body
         raise WadaemonError(str(error))

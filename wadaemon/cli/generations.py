@@ -4,24 +4,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
-from wadaemon.cli.common import add_config_option, human_size, open_replica
+from wadaemon.cli.common import Context, add_config_option, daemon_hints, human_size, open_replica
 from wadaemon.errors import WadaemonError
 from wadaemon.layout import validate_account_id
+from wadaemon.store.base import Head
+
+WAIT_POLL_S = 0.2  # one head read per poll: a small file, or one Firestore document
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("generations", help="list the backup generations of an account")
     p.add_argument("account", metavar="ACCOUNT")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="if the account has no backup yet, wait up to SECONDS for the daemon to make one "
+        "(exit 1 if none appears)",
+    )
     add_config_option(p)
     p.set_defaults(handler=main)
 
 
 def main(args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
+    if args.wait is not None and args.wait < 0:
+        raise WadaemonError(f"--wait {args.wait:g}: the number of seconds cannot be negative")
     ctx = open_replica(args)
     head = ctx.replica.store.read_head(account)
+    if head is None and args.wait:
+        head = wait_for_head(ctx, account, args.wait)
     if head is None:
         raise WadaemonError(f"{account}: no backups in {ctx.replica.store.describe()}")
     infos = ctx.replica.generations(account)
@@ -58,3 +73,21 @@ def main(args: argparse.Namespace) -> int:
             f"{human_size(m.size):>10}  {i.key_id:<16}  {m.host}"
         )
     return 0
+
+
+def wait_for_head(ctx: Context, account: str, seconds: float) -> Head:
+    """The account's head, as soon as the daemon has switched it (its first backup exists)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        time.sleep(max(0.0, min(WAIT_POLL_S, deadline - time.monotonic())))
+        head = ctx.replica.store.read_head(account)
+        if head is not None:
+            return head
+        if time.monotonic() >= deadline:
+            break
+    hints = daemon_hints(ctx.config.path)
+    raise WadaemonError(
+        f"{account}: no backup appeared within {seconds:g} s in {ctx.replica.store.describe()}. "
+        f"Is the daemon running (`{hints.command('status')}`; if not, {hints.start})? Does "
+        f"{ctx.layout.account_dir(account)} exist? Otherwise {hints.log} says why."
+    )

@@ -6,8 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from wadaemon.cli.common import add_config_option, age, load
-from wadaemon.socket_client import request
+from wadaemon.cli.common import add_config_option, age, ask, load
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +53,7 @@ def render(health: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     config = load(args)
-    status, health = request(config.socket_path, "GET", "/health")
+    status, health = ask(config, "GET", "/health")
     if not isinstance(health, dict):
         print(health)
         return 1

@@ -259,6 +259,7 @@ class AccountRunner:
             self.host.hold_backups(self.account, True)  # nothing worth keeping until paired
             self._set("pairing", "phone code" if pairing.phone else "QR code")
             self._spawn(self._pairing_deadline(pairing), "pairing-deadline")
+            pairing.update("connecting")  # the client starts: WhatsApp's first QR code is next
         elif self.state not in ("connecting",):
             self._set("connecting")
         try:
@@ -400,6 +401,7 @@ class AccountRunner:
             log.info("%s: paired with %s; backing up at once", self.account, phone or "a phone")
             if pairing is not None:
                 pairing.paired = True  # from now on neither the deadline nor a cancel ends it
+                pairing.update("linked", phone=phone)  # the backup that ends it comes next
             self._set("connecting", "paired; connecting")
             self._spawn(self._paired(pairing, phone), "paired-backup")
         else:

@@ -1,7 +1,7 @@
 """One pairing in progress: what `wadaemon accounts add` shows while the user scans or types.
 
-The account runner publishes updates (a new QR code, the phone pairing code, the end); the
-control socket streams them to the command as JSON lines.
+The account runner publishes updates (the client starting, a new QR code, the phone pairing
+code, the phone linked, the end); the control socket streams them to the command as JSON lines.
 """
 
 from __future__ import annotations
