@@ -465,6 +465,12 @@ def test_two_writers_racing_on_one_account_never_lose_or_rewind_a_generation(
                 content = f'{{"writer": {i}, "round": {r}}}'
                 state.write_text(content)
                 barrier.wait(timeout=60)
+                # both hosts hold a session that descends from the head (as if both had restored
+                # it): neither is refused as a conflict, so the compare-and-swap decides
+                head = stores[i].read_head("race")
+                if head is not None:
+                    lineage = setups[i].layout.lineage
+                    lineage.record("race", head.generation, lineage.read("race").inode)
                 try:
                     result = setups[i].engine.backup("race")
                 except HeadConflict as exc:

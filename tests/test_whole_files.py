@@ -122,7 +122,9 @@ def old_version_commit(replica: Replica, root: Path, account: str) -> int:
     files = tuple(
         SnapshotFile(p.name, "file", Owner(0o600)) for p in sorted(root.iterdir()) if p.is_file()
     )
-    return replica.commit(Snapshot(account, root, files, ())).generation
+    head = replica.store.read_head(account)
+    snapshot = Snapshot(account, root, files, ())
+    return replica.commit(snapshot, parent=head.generation if head else None).generation
 
 
 def test_restore_falls_back_from_an_older_versions_torn_generation(env: Env) -> None:

@@ -174,6 +174,7 @@ class BackupEngine:
         """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
         reason instead if `refuse` vetoed the snapshot."""
         staging = self.layout.new_temp_dir("snapshot", account)
+        descent = self.layout.lineage.read(account)  # before the snapshot: its directory's
         try:
             started_ns = time.time_ns()
             snapshot = take_snapshot(account, source, staging, known[1] if known else None)
@@ -182,9 +183,12 @@ class BackupEngine:
             veto = refuse(snapshot) if refuse is not None else None
             if veto is not None:
                 return veto
-            commit = self.replica.commit(snapshot, known[0] if known else None)
+            commit = self.replica.commit(
+                snapshot, known[0] if known else None, parent=descent.generation
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.layout.lineage.record(account, commit.generation, descent.inode)
         # Stat keys that may stand for their file's content next time: not for a file modified
         # so shortly before it was read that a later write could keep the same stat (racy).
         previous = known[1] if known else {}

@@ -62,6 +62,8 @@ class ControlApi(Protocol):
 
     async def remove(self, account: str) -> dict[str, Any]: ...
 
+    async def resolve(self, account: str, keep: str) -> dict[str, Any]: ...
+
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -164,6 +166,7 @@ class ControlServer:
         app.router.add_post("/accounts/{account}/verify", self._privileged(self._verify))
         app.router.add_post("/accounts/{account}/pair", self._privileged(self._pair))
         app.router.add_delete("/accounts/{account}", self._privileged(self._remove))
+        app.router.add_post("/accounts/{account}/resolve", self._privileged(self._resolve))
         if self.faults:
             app.router.add_post("/debug/hang/{part}", self._privileged(self._hang))
         return app
@@ -252,6 +255,16 @@ class ControlServer:
         account = self._account(request)
         try:
             return _json(200, await self.api.remove(account))
+        except WadaemonError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    async def _resolve(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        keep = request.query.get("keep", "")
+        if keep not in ("backup", "local"):
+            raise ApiError(400, "say which side to keep: ?keep=backup or ?keep=local")
+        try:
+            return _json(200, await self.api.resolve(account, keep))
         except WadaemonError as exc:
             raise ApiError(409, str(exc)) from None
 

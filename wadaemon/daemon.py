@@ -32,11 +32,12 @@ from wadaemon.health import alive, core_checks, report, status_line
 from wadaemon.key_watch import KEY_FILES_EVERY_S, KeyWatch, key_file_problems
 from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout
+from wadaemon.lineage import ADOPTED
 from wadaemon.logs import setup_logging
 from wadaemon.lost_keys import sealed_heads
 from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
-from wadaemon.replica import Replica
+from wadaemon.replica import Conflict, Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
 from wadaemon.snapshot import Snapshot
 from wadaemon.state import AccountState, DaemonState, iso_time
@@ -135,7 +136,15 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
         self._lock_fd = self.layout.lock()
-        self.layout.prepare()
+        adopted = self.layout.prepare()
+        if adopted:
+            log.info(
+                "lineage: first start of this version on %s: %d local sessions are taken as "
+                "descendants of their backup heads (%s)",
+                self.layout.root,
+                len(adopted),
+                ", ".join(adopted),
+            )
         log.info(
             "wadaemon %s starting: sessions %s, backup target %s",
             __version__,
@@ -476,21 +485,23 @@ class Daemon:
             if outcome.ok and supervising and account in self.state.accounts:
                 assert self.supervisor is not None
                 self.supervisor.add(account)  # its client waited for this first restore
-            if outcome.ok or self.stop_event.is_set():
+            if outcome.ok or outcome.status == "conflict" or self.stop_event.is_set():
                 return
             wait = delay * random.uniform(0.5, 1.0)
             log.warning("%s: retrying the restore in %.0f s", account, wait)
             await self._pause(wait)
             delay = min(RESTORE_RETRY_MAX_S, delay * 2)
 
-    async def _restore(self, account: str) -> RestoreOutcome:
-        """One restore attempt (if the local session needs it); one at a time per account."""
+    async def _restore(self, account: str, *, force: bool = False) -> RestoreOutcome:
+        """One restore attempt (if the local session needs it, or `force`); one at a time per
+        account."""
         assert self.restorer is not None
+        restorer = self.restorer
         lock = self._restore_locks.setdefault(account, asyncio.Lock())
         async with lock:
             try:
                 outcome = await asyncio.get_running_loop().run_in_executor(
-                    self._restore_pool, self.restorer.restore_account, account
+                    self._restore_pool, lambda: restorer.restore_account(account, force=force)
                 )
             except Exception as exc:  # a bug, not an expected failure: report it, keep going
                 log.exception("%s: restore failed unexpectedly", account)
@@ -502,8 +513,9 @@ class Daemon:
         """Accounts whose clients may start: boot restore finished (or never needed)."""
         return sorted(
             a
-            for a in self.state.accounts
+            for a, st in self.state.accounts.items()
             if (a not in self._first_restores or self._first_restores[a].done())
+            and st.state != "conflict"
         )
 
     def _record_restore(self, outcome: RestoreOutcome) -> None:
@@ -524,8 +536,8 @@ class Daemon:
         if outcome.ok:
             self._settle(st)
             log.info("restore: %s", outcome.line())
-        elif outcome.status == "unreadable":
-            st.state = "unreadable"
+        elif outcome.status in ("unreadable", "conflict"):
+            st.state = outcome.status
             st.last_error = outcome.detail
             log.error("restore: %s", outcome.line())
         else:
@@ -648,6 +660,10 @@ class Daemon:
         if self._gone(account):
             return True
         st = self.state.account(account)
+        if st.state == "conflict":
+            st.pending_since = None
+            log.debug("%s: in conflict with its backup: not backed up until resolved", account)
+            return True
         if account in self._held:
             self._held_changed.add(account)
             st.pending_since = None
@@ -665,6 +681,12 @@ class Daemon:
                     self._store_failed(exc)
                 if isinstance(exc, UnreadableSession):
                     st.state = "unreadable"
+                if isinstance(exc, Conflict):
+                    st.state = "conflict"
+                    st.last_error = str(exc)
+                    st.pending_since = None
+                    log.error("%s", exc)
+                    return True  # nothing to retry until the conflict is resolved
                 st.pending_since = min(filter(None, (covered, st.pending_since)), default=None)
                 st.consecutive_failures += 1
                 st.last_error = str(exc)
@@ -829,6 +851,38 @@ class Daemon:
             return
 
     # --- accounts (control socket) -------------------------------------------------------------
+
+    async def resolve(self, account: str, keep: str) -> dict[str, Any]:
+        """End a conflict between a local session and its backup head: keep the backup
+        (restore the head; the local copy goes to .quarantine/) or keep the local copy (back it
+        up as the next generation, on top of the head)."""
+        st = self.state.accounts.get(account)
+        if st is None or st.state != "conflict":
+            state = st.state if st else "unknown"
+            raise WadaemonError(f"{account} is not in conflict (it is {state}): nothing to resolve")
+        if self.restorer is None:
+            raise WadaemonError("backup.target is none: there is no backup to resolve with")
+        if keep == "local":
+            descent = self.layout.lineage.read(account)
+            self.layout.lineage.record(account, ADOPTED, descent.inode)
+            self._settle(st)
+            st.last_error = ""
+            log.warning("%s: conflict resolved: the local session is kept", account)
+            result = await self.backup_at_once(account, "conflict resolved: keeping local")
+            return {"account": account, "kept": "local", **result}
+        if self.supervisor is not None:
+            await self.supervisor.pause(account)
+        outcome = await self._restore(account, force=True)
+        log.warning("%s: conflict resolved: the backup is kept: %s", account, outcome.line())
+        if self.supervisor is not None and outcome.ok:
+            self.supervisor.add(account)
+        return {
+            "account": account,
+            "kept": "backup",
+            "ok": outcome.ok,
+            "result": outcome.line(),
+            "quarantined": str(outcome.quarantined) if outcome.quarantined else None,
+        }
 
     def pair(self, account: str, phone: str | None) -> Pairing:
         if self.supervisor is None:

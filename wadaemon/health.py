@@ -145,15 +145,16 @@ def report(
 
 
 def _accounts_check(state: DaemonState) -> Check:
-    """failing: an account the daemon cannot read (it is not protected and no restart helps);
-    degraded: never backed up, restore failed, or backups failing."""
-    unreadable = sorted(
-        (a for a in state.accounts.values() if a.state == "unreadable"), key=lambda a: a.account
+    """failing: an account the daemon cannot read, or whose local session conflicts with its
+    backup (neither is protected, and no restart helps); degraded: never backed up, restore
+    failed, or backups failing."""
+    failing = sorted(
+        (a for a in state.accounts.values() if a.state in ("unreadable", "conflict")),
+        key=lambda a: a.account,
     )
-    if unreadable:
+    if failing:
         return Check(
-            "failing",
-            "cannot read: " + "; ".join(a.last_error or a.account for a in unreadable),
+            "failing", "; ".join(a.last_error or f"{a.account}: {a.state}" for a in failing)
         )
     problems = sorted(
         f"{a.account} ({a.state.replace('_', ' ')})"

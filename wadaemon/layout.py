@@ -3,6 +3,7 @@
 <sessions_path>/<account_id>/      an account's session (session.db for neonize accounts)
 <sessions_path>/.tmp/              snapshots and restores being built (same filesystem)
 <sessions_path>/.quarantine/       sessions set aside (corrupt, replaced); never deleted
+<sessions_path>/.lineage/          which generation each local session descends from (lineage.py)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from wadaemon.errors import UnreadableSession, WadaemonError, unreadable_message
+from wadaemon.lineage import Lineage
 
 ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TMP_DIR = ".tmp"
@@ -45,6 +47,8 @@ class SessionsLayout:
         self.root = root
         self.tmp = root / TMP_DIR
         self.quarantine = root / QUARANTINE_DIR
+        self.lineage = Lineage(root)
+        self.used_before = False  # a daemon held this directory before (see lock)
 
     def lock(self) -> int:
         """Take the sessions directory for this process; refuse if another daemon has it.
@@ -53,6 +57,7 @@ class SessionsLayout:
         """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.root / LOCK_FILE
+        self.used_before = path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,8 +72,9 @@ class SessionsLayout:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
-    def prepare(self) -> None:
+    def prepare(self) -> list[str]:
         """Create the directories the daemon needs (sessions 0700) and clear stale temp files.
+        Returns the sessions adopted by the lineage's first start (see Lineage.start).
 
         Only the daemon's own `.tmp/` is cleared: it holds copies being built, never the only
         copy of a session.
@@ -79,6 +85,7 @@ class SessionsLayout:
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
             self.tmp.mkdir(mode=0o700)
+            return self.lineage.start(self.local_accounts(), self.used_before)
         except OSError as exc:
             raise WadaemonError(
                 f"{exc.filename or self.root}: cannot prepare the sessions directory: "

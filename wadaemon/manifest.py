@@ -49,6 +49,9 @@ class Manifest:
     files: tuple[FileEntry, ...]
     format: int = FORMAT_VERSION
     dirs: tuple[DirEntry, ...] = ()  # empty in generations made before they were recorded
+    # the generation this one descends from (the head it was committed on); None: the first of
+    # its line (no head, or one that ended: logged out, removed), or made before it was recorded
+    parent: int | None = None
 
     @property
     def size(self) -> int:
@@ -92,6 +95,7 @@ class Manifest:
                 digest=str(raw["digest"]),
                 files=files,
                 dirs=dirs,
+                parent=_opt_int(raw.get("parent")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"manifest is malformed: {exc!r}") from None

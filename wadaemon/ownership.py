@@ -9,6 +9,8 @@ from pathlib import Path
 
 from wadaemon.manifest import Manifest
 
+SPECIAL_BITS = 0o6000  # setuid, setgid
+
 
 def apply_owners(root: Path, manifest: Manifest) -> str:
     """Set modes, owners and groups under `root` (the rebuilt account directory); returns ""
@@ -23,6 +25,7 @@ def apply_owners(root: Path, manifest: Manifest) -> str:
         items.append((d.path, d.mode, d.uid, d.gid))
     owners_missed: set[int] = set()
     groups_missed: set[int] = set()
+    special_missed: list[str] = []
     example = ""
     for rel, mode, uid, gid in items:
         path = root if rel == "." else root / rel
@@ -42,9 +45,27 @@ def apply_owners(root: Path, manifest: Manifest) -> str:
                 example = example or rel
         if (set_uid, set_gid) != (-1, -1):
             os.chown(path, set_uid, set_gid, follow_symlinks=False)
-        os.chmod(path, mode & 0o7777, follow_symlinks=False)
-    if not owners_missed and not groups_missed:
-        return ""
+        try:
+            os.chmod(path, mode & 0o7777, follow_symlinks=False)
+        except PermissionError:
+            if not mode & SPECIAL_BITS:
+                raise
+            # a hardened unit (RestrictSUIDSGID=) may not set setuid/setgid bits
+            os.chmod(path, mode & 0o1777, follow_symlinks=False)
+            special_missed.append(rel)
+    notes = []
+    if special_missed:
+        notes.append(
+            f"could not set the setuid/setgid bits of {len(special_missed)} files or "
+            f"directories (for example {special_missed[0]}): the daemon may not "
+            "(RestrictSUIDSGID= in its unit); set them again with chmod if the writer needs them"
+        )
+    if owners_missed or groups_missed:
+        notes.append(_owners_note(owners_missed, groups_missed, example))
+    return "; ".join(notes)
+
+
+def _owners_note(owners_missed: set[int], groups_missed: set[int], example: str) -> str:
     parts = []
     if owners_missed:
         parts.append("owner " + ", ".join(f"uid {u}" for u in sorted(owners_missed)))

@@ -26,6 +26,7 @@ from pathlib import Path
 from wadaemon.errors import DecryptError, IntegrityError, WadaemonError
 from wadaemon.file_kinds import OTHER, kind_of
 from wadaemon.keyring import Keyring, blob_key_id
+from wadaemon.lineage import ADOPTED, Descent
 from wadaemon.manifest import FileEntry, Manifest
 from wadaemon.snapshot import Snapshot
 from wadaemon.store.base import Head, NotFound, Store, StoreError
@@ -71,6 +72,31 @@ def _content_sha(kind: str, data: bytes) -> str:
 
 class StaleSnapshot(WadaemonError):
     """The files a snapshot did not read are no longer what the store holds: read them again."""
+
+
+class Conflict(WadaemonError):
+    """The local session does not descend from the backup head: committing it would roll the
+    backup back or replace it with an unrelated session."""
+
+
+def conflict_message(account: str, head: int, parent: int | None, relation: str) -> str:
+    if relation == "behind":
+        why = (
+            f"it is generation {parent} unchanged, older than the backup head (an old disk put "
+            "back, or another host's copy)"
+        )
+    else:
+        why = Descent(parent, None).describe() + (
+            ", and it holds changes the head does not"
+            if parent is not None and parent != ADOPTED
+            else ", and it differs from the head"
+        )
+    return (
+        f"{account}: the local session does not descend from the backup head (generation "
+        f"{head}): {why}. Nothing is committed over the head. Resolve with `wadaemon accounts "
+        f"resolve {account} --keep-backup` (restore the head; the local copy goes to "
+        f".quarantine/) or `--keep-local` (back up the local copy as the next generation)"
+    )
 
 
 class TornFile(WadaemonError):
@@ -124,8 +150,14 @@ class Replica:
 
     # --- commit -------------------------------------------------------------------------------
 
-    def commit(self, snapshot: Snapshot, base_generation: int | None = None) -> CommitResult:
+    def commit(
+        self, snapshot: Snapshot, base_generation: int | None = None, *, parent: int | None
+    ) -> CommitResult:
         """Commit a snapshot as the account's next generation (or nothing if it equals the head).
+
+        `parent` is the generation the local session descends from (lineage.py; None: unknown,
+        ADOPTED: found by the first start of this version). Only a descendant of the current
+        head is committed (a fast forward); anything else raises Conflict and writes nothing.
 
         Files the snapshot did not read stand for content already stored: a `reused` file is
         the one the generation `base_generation` holds (it must still be the head, else
@@ -134,44 +166,24 @@ class Replica:
         """
         account = snapshot.account
         key = self.keyring.current
-        copied: dict[str, FileEntry] = {}
-        for f in snapshot.files:
-            if f.status != "copied":
-                continue
-            data = (snapshot.root / f.path).read_bytes()
-            copied[f.path] = FileEntry(
-                path=f.path,
-                kind=f.kind,
-                mode=f.owner.mode,
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                pieces=tuple(
-                    key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
-                    for o in range(0, len(data), PIECE_SIZE)
-                ),
-                uid=f.owner.uid,
-                gid=f.owner.gid,
-                content_sha=_content_sha(f.kind, data),
-            )
+        copied = self._copied_entries(snapshot)
         dirs = snapshot.dirs
 
         with self.store.account_lock(account):
             head = self.store.read_head(account)
             carried = self._carried(snapshot, head, base_generation)
             entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
-            fingerprint: list[object] = [
-                [e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.same_content_sha()]
-                for e in entries
-            ]
-            fingerprint.append([[d.path, d.mode, d.uid, d.gid] for d in dirs])
-            digest = key.digest(json.dumps(fingerprint, separators=(",", ":")).encode())
+            digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.pieces}
-            if head is not None and head.state == "active" and head.digest == digest:
+            relation = self._relation(account, head, digest, parent)
+            if relation == "same" and head is not None:
                 self._head_pieces[account] = (head.generation, frozenset(all_ids))
                 return CommitResult(
                     account, head.generation, False, len(entries), size, len(all_ids)
                 )
+            if relation in ("behind", "diverged") and head is not None:
+                raise Conflict(conflict_message(account, head.generation, parent, relation))
             known = self._head_pieces.get(account)
             candidates = all_ids
             if head is not None and known is not None and known[0] == head.generation:
@@ -194,6 +206,7 @@ class Replica:
                 digest,
                 tuple(entries),
                 dirs=dirs,
+                parent=expected if relation == "ahead" else None,
             )
             while not self.store.create_manifest(
                 account, generation, self._seal_manifest(manifest)
@@ -226,6 +239,67 @@ class Replica:
             collected,
             carried=tuple(sorted(f.path for f in snapshot.files if f.status == "torn")),
         )
+
+    def relation(self, snapshot: Snapshot, parent: int | None) -> tuple[str, Head | None]:
+        """How a local session stands to the account's head, without committing anything:
+        new (no active head), same (equal content), ahead (descends from it), behind (unchanged
+        since an older generation) or diverged; and the head."""
+        copied = self._copied_entries(snapshot)
+        head = self.store.read_head(snapshot.account)
+        try:
+            carried = self._carried(snapshot, head, None)
+        except TornFile:
+            return ("diverged" if head is not None and head.state == "active" else "new"), head
+        entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
+        digest = self._digest(entries, snapshot)
+        return self._relation(snapshot.account, head, digest, parent), head
+
+    def _relation(self, account: str, head: Head | None, digest: str, parent: int | None) -> str:
+        if head is None or head.state != "active":
+            return "new"
+        if digest == head.digest:
+            return "same"
+        if parent in (head.generation, ADOPTED):
+            return "ahead"
+        if parent is not None and parent < head.generation and parent in head.history:
+            try:
+                if self.load_manifest(account, parent).digest == digest:
+                    return "behind"
+            except WadaemonError as exc:
+                log.warning("%s: cannot read generation %d to compare: %s", account, parent, exc)
+        return "diverged"
+
+    def _copied_entries(self, snapshot: Snapshot) -> dict[str, FileEntry]:
+        key = self.keyring.current
+        copied: dict[str, FileEntry] = {}
+        for f in snapshot.files:
+            if f.status != "copied":
+                continue
+            data = (snapshot.root / f.path).read_bytes()
+            copied[f.path] = FileEntry(
+                path=f.path,
+                kind=f.kind,
+                mode=f.owner.mode,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                pieces=tuple(
+                    key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
+                    for o in range(0, len(data), PIECE_SIZE)
+                ),
+                uid=f.owner.uid,
+                gid=f.owner.gid,
+                content_sha=_content_sha(f.kind, data),
+            )
+        return copied
+
+    def _digest(self, entries: list[FileEntry], snapshot: Snapshot) -> str:
+        """What decides whether anything changed: every file's content, mode and owners, and
+        every directory's."""
+        fingerprint: list[object] = [
+            [e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.same_content_sha()] for e in entries
+        ]
+        fingerprint.append([[d.path, d.mode, d.uid, d.gid] for d in snapshot.dirs])
+        return self.keyring.current.digest(json.dumps(fingerprint, separators=(",", ":")).encode())
 
     def _carried(
         self, snapshot: Snapshot, head: Head | None, base_generation: int | None

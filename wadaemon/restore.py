@@ -20,10 +20,11 @@ from pathlib import Path
 from wadaemon.errors import IntegrityError, UnreadableSession, WadaemonError
 from wadaemon.fsutil import fsync_dir, fsync_tree
 from wadaemon.layout import SessionsLayout, has_files
+from wadaemon.lineage import ADOPTED
 from wadaemon.manifest import Manifest
 from wadaemon.ownership import apply_owners
-from wadaemon.replica import Replica
-from wadaemon.snapshot import check_directory
+from wadaemon.replica import Replica, conflict_message
+from wadaemon.snapshot import check_directory, take_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,15 @@ class RestoreFailed(WadaemonError):
 
 @dataclass
 class LocalState:
-    state: str  # missing | empty | healthy | corrupt | unreadable | unknown
+    state: str  # missing | empty | healthy | corrupt | unreadable | unknown | behind
     detail: str = ""
 
 
 @dataclass
 class RestoreOutcome:
     account: str
-    status: str  # restored | kept | no-backup | inactive | failed | unchecked | unreadable
+    # restored | kept | no-backup | inactive | failed | unchecked | unreadable | conflict
+    status: str
     generation: int | None = None
     detail: str = ""
     failures: list[str] = field(default_factory=list)
@@ -53,7 +55,7 @@ class RestoreOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status not in ("failed", "unchecked", "unreadable")
+        return self.status not in ("failed", "unchecked", "unreadable", "conflict")
 
     def line(self) -> str:
         text = f"{self.account}: {self.status}"
@@ -193,18 +195,10 @@ class Restorer:
         target = self.layout.account_dir(account)
         local = inspect_local(target)
         if local.state == "healthy" and not force:
-            detail = f"local session is healthy ({local.detail})"
-            try:
-                head = self.replica.store.read_head(account)
-            except WadaemonError as exc:
-                return RestoreOutcome(account, "kept", detail=f"{detail}; backup unknown: {exc}")
-            active = head is not None and head.state == "active"
-            return RestoreOutcome(
-                account,
-                "kept",
-                detail=detail if active else f"{detail}; not backed up yet",
-                backed_up=head.generation if head is not None and active else None,
-            )
+            reconciled = self._reconcile(account, local)
+            if reconciled is not None:
+                return reconciled
+            local = LocalState("behind", "unchanged since an older generation than the head")
         if local.state == "unknown" and not force:
             return RestoreOutcome(account, "unchecked", detail=local.detail + "; left as it is")
         if local.state == "unreadable":
@@ -231,7 +225,7 @@ class Restorer:
         quarantined: Path | None = None
         try:
             if target.exists() and local.state != "empty":
-                reason = "corrupt" if local.state == "corrupt" else "replaced"
+                reason = local.state if local.state in ("corrupt", "behind") else "replaced"
                 quarantined = self.layout.move_to_quarantine(account, reason)
             try:
                 os.rename(built, target)  # replaces an empty directory atomically
@@ -241,6 +235,9 @@ class Restorer:
                 quarantined = self.layout.move_to_quarantine(account, local.state)
                 os.rename(built, target)
             fsync_dir(self.layout.root)
+            # an older generation chosen by hand is committed on top of the head next: the
+            # operator's rollback moves the backup forward, it does not rewind it
+            self.layout.lineage.record(account, head.generation, target.stat().st_ino)
         except OSError as exc:
             shutil.rmtree(built, ignore_errors=True)
             return RestoreOutcome(
@@ -260,6 +257,61 @@ class Restorer:
         if quarantined:
             detail += f"; previous copy moved to {quarantined}"
         return RestoreOutcome(account, "restored", g, detail, failures, quarantined, backed_up=g)
+
+    def _reconcile(self, account: str, local: LocalState) -> RestoreOutcome | None:
+        """A healthy local session is kept if it descends from the backup head (or equals it,
+        or there is no active head). One that is an older generation unchanged (an old disk
+        put back) returns None: the head is restored over it. One that diverged is a conflict:
+        neither side is overwritten."""
+        detail = f"local session is healthy ({local.detail})"
+        descent = self.layout.lineage.read(account)
+        try:
+            head = self.replica.store.read_head(account)
+        except WadaemonError as exc:
+            if descent.generation is None:
+                return RestoreOutcome(
+                    account,
+                    "unchecked",
+                    detail=f"{detail}, but {descent.describe()} and the backup head cannot be "
+                    f"read to compare ({exc}); checked again once the store answers",
+                )
+            return RestoreOutcome(account, "kept", detail=f"{detail}; backup unknown: {exc}")
+        if head is None or head.state != "active":
+            return RestoreOutcome(account, "kept", detail=f"{detail}; not backed up yet")
+        if descent.generation in (head.generation, ADOPTED):
+            return RestoreOutcome(account, "kept", detail=detail, backed_up=head.generation)
+        staging = self.layout.new_temp_dir("compare", account)
+        try:
+            relation, head = self.replica.relation(
+                take_snapshot(account, self.layout.account_dir(account), staging),
+                descent.generation,
+            )
+        except WadaemonError as exc:
+            return RestoreOutcome(
+                account,
+                "unchecked",
+                detail=f"{detail}, but it cannot be compared with the backup head: {exc}",
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if head is None or relation in ("new", "ahead"):
+            return RestoreOutcome(account, "kept", detail=detail)
+        if relation == "same":
+            self.layout.lineage.record(account, head.generation, descent.inode)
+            return RestoreOutcome(
+                account,
+                "kept",
+                detail=f"{detail}; equal to the backup head",
+                backed_up=head.generation,
+            )
+        if relation == "behind":
+            return None
+        return RestoreOutcome(
+            account,
+            "conflict",
+            detail=conflict_message(account, head.generation, descent.generation, relation),
+            backed_up=head.generation,
+        )
 
     def restore_to(self, account: str, dest: Path, generation: int | None = None) -> RestoreOutcome:
         """Restore into `dest` (which must not exist, or be empty), outside the sessions path."""

@@ -59,6 +59,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_config_option(rm)
     rm.set_defaults(handler=main_remove)
 
+    res = actions.add_parser(
+        "resolve",
+        help="end a conflict between a local session and its backup",
+        description="An account is in conflict when its local session does not descend from "
+        "its backup head (an old disk put back, another host's copy, a session made while the "
+        "store was down): nothing is backed up over the head until you choose. --keep-backup "
+        "restores the head (the local copy is moved to .quarantine/, never deleted); "
+        "--keep-local backs the local copy up as the next generation (the head's generations "
+        "stay restorable until retention drops them).",
+    )
+    res.add_argument("account", metavar="ID")
+    side = res.add_mutually_exclusive_group(required=True)
+    side.add_argument("--keep-backup", action="store_true", help="restore the backup head")
+    side.add_argument("--keep-local", action="store_true", help="back up the local copy")
+    add_config_option(res)
+    res.set_defaults(handler=main_resolve)
+
 
 def show_qr(code: str, out: TextIO, *, first: bool) -> None:
     import segno
@@ -203,4 +220,26 @@ def main_remove(args: argparse.Namespace) -> int:
         error = body.get("error") if isinstance(body, dict) else body
         raise WadaemonError(str(error))
     print(f"{account}: removed ({body['logout']}; {body['deleted']} backup objects deleted)")
+    return 0
+
+
+def main_resolve(args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    config = load(args)
+    keep = "local" if args.keep_local else "backup"
+    status, body = ask(config, "POST", f"/accounts/{account}/resolve?keep={keep}", timeout=600)
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else body
+        raise WadaemonError(str(error))
+    if keep == "local":
+        if not body.get("ok"):
+            raise WadaemonError(
+                f"{account}: the local copy is kept but not backed up yet: {body.get('error')}"
+            )
+        print(f"{account}: the local session is kept; backed up as generation {body['generation']}")
+        return 0
+    if not body.get("ok"):
+        raise WadaemonError(f"{account}: {body['result']}")
+    moved = f"; the local copy is in {body['quarantined']}" if body.get("quarantined") else ""
+    print(f"{account}: the backup is kept: {body['result']}{moved}")
     return 0

@@ -132,6 +132,12 @@ class Supervisor:
                 except Exception as exc:  # one account's check must not end the others'
                     log.error("%s: health check failed: %r", runner.account, exc)
 
+    async def pause(self, account: str) -> None:
+        """Stop the account's client (no logout) until `add` starts it again."""
+        runner = self.runners.pop(account, None)
+        if runner is not None:
+            await runner.stop()
+
     async def remove(self, account: str) -> str:
         """Log out (if connected) and stop the account's client; a line saying what happened."""
         runner = self.runners.pop(account, None)
