@@ -122,10 +122,14 @@ def _stat_key(st: os.stat_result) -> list[int]:
     ]
 
 
-def _scan(root: str) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[str]]:
+def _scan(
+    root: str, unchanged: dict[str, list[int]] | None = None
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[str]]:
     """(relative path, kind) of each file to copy, the directories (owner and mode, the account
     directory itself as "."), and warnings for what is skipped. Raises Unreadable if a directory
-    cannot be listed: an unreadable directory must never look empty."""
+    cannot be listed: an unreadable directory must never look empty. A file whose stat key is
+    `unchanged[path]` is not opened to look for a SQLite header: it was no database then."""
+    unchanged = unchanged or {}
     found: list[tuple[str, str]] = []
     dirs: list[dict[str, Any]] = []
     warnings: list[str] = []
@@ -140,8 +144,15 @@ def _scan(root: str) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[
             raise _unreadable(full, exc) from None
         except FileNotFoundError:
             return
+        def known(e: os.DirEntry[str]) -> bool:
+            rel_path = f"{rel}/{e.name}" if rel else e.name
+            key = unchanged.get(rel_path)
+            return key is not None and _stat_key(e.stat(follow_symlinks=False)) == key
+
         sqlite_names = {
-            e.name for e in entries if e.is_file(follow_symlinks=False) and _is_sqlite(e.path)
+            e.name
+            for e in entries
+            if e.is_file(follow_symlinks=False) and not known(e) and _is_sqlite(e.path)
         }
         for e in entries:
             erel = f"{rel}/{e.name}" if rel else e.name
@@ -228,7 +239,7 @@ def _read_whole(path: str, kind: str) -> tuple[bytes, os.stat_result, str | None
 def snapshot(src_root: str, dst_root: str, reuse: dict[str, list[int]]) -> dict[str, Any]:
     """Copy an account directory. A file whose stat matches `reuse[path]` is not read (the
     caller holds its content); a file that stays torn is reported, not copied."""
-    entries, dirs, warnings = _scan(src_root)
+    entries, dirs, warnings = _scan(src_root, reuse)
     files: list[dict[str, Any]] = []
     for rel, kind in entries:
         src = os.path.join(src_root, rel)
