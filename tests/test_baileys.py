@@ -201,6 +201,7 @@ def test_every_generation_of_a_live_baileys_session_is_whole(
             shutil.rmtree(dest)
 
     kinds = Counter(file_kind(n) for t in torn_by_generation.values() for n in t)
+    empty = sum(1 for t in torn_by_generation.values() for why in t.values() if why == "0 bytes")
     creds_torn = sum(1 for t in torn_by_generation.values() if "creds.json" in t)
     saves = sum(1 for line in journal.read_text().splitlines() if '"phase":"saved"' in line)
     print(
@@ -208,7 +209,8 @@ def test_every_generation_of_a_live_baileys_session_is_whole(
         f"rate {RATE}/s, {KEYS_PER_TICK} key writes a tick, busy {BUSY_MS} ms; "
         f"{len(generations)} generations of {min(file_counts)}-{max(file_counts)} files; "
         f"{len(torn_by_generation)} of {len(generations)} held a torn JSON file "
-        f"({creds_torn} a torn creds.json); torn files by kind: {dict(kinds)}"
+        f"({creds_torn} a torn creds.json); {sum(kinds.values())} torn files ({empty} of "
+        f"0 bytes), by kind: {dict(kinds)}"
     )
     for g, torn in list(torn_by_generation.items())[:5]:
         print(f"  generation {g}: {torn}")
@@ -251,7 +253,7 @@ def test_kill_9_and_lost_disk_bring_back_a_session_baileys_loads(
     journal = env.root / "alice.journal"
     seed = int(os.environ.get("WADAEMON_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    rounds = 10
+    rounds = 12
 
     daemon = daemon_factory()
     daemon.wait_for("ready")
