@@ -75,3 +75,52 @@ and set FIRESTORE_EMULATOR_JAR to the jar if it is not at the path above.
 MSG
     exit 1
 }
+
+# ensure_node_packages: Node.js and npm, and the real Baileys library (tests/baileys, pinned in
+# its package-lock.json) that tests/test_baileys.py drives. Installs nodejs and npm through apt
+# when node is missing or older than Baileys 7 needs (its engines field: node >= 20); a
+# distribution whose nodejs is older (Debian 12 has 18) stops here with how to get Node 20.
+# `npm ci` runs again only when the lock file changed (stamp in node_modules).
+BAILEYS_NODE_MAJOR=20
+
+node_major() {
+    node -e 'process.stdout.write(process.versions.node.split(".")[0])' 2>/dev/null || echo 0
+}
+
+ensure_node_packages() {
+    local dir=tests/baileys stamp=tests/baileys/node_modules/.installed want log missing=()
+    if [ "$(node_major)" -lt "$BAILEYS_NODE_MAJOR" ]; then
+        missing+=(nodejs)
+    fi
+    command -v npm >/dev/null || missing+=(npm)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "installing ${missing[*]} (apt-get): the Baileys tests run the real library on Node.js" >&2
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if [ "$(node_major)" -lt "$BAILEYS_NODE_MAJOR" ] || ! command -v npm >/dev/null; then
+        cat >&2 <<MSG
+The Baileys tests need Node.js $BAILEYS_NODE_MAJOR or newer and npm (@whiskeysockets/baileys 7 requires
+node >= $BAILEYS_NODE_MAJOR); this machine has $(node --version 2>/dev/null || echo 'no node')$(command -v npm >/dev/null || echo ' and no npm').
+The distribution's nodejs is too old here (Debian 12: 18; Debian 13 has 20). Install Node.js 20+
+(for example NodeSource's nodejs package: https://github.com/nodesource/distributions) and run
+scripts/test again.
+MSG
+        exit 1
+    fi
+    want=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return 0
+    fi
+    log=$(mktemp)
+    # --ignore-scripts: the only install scripts are Baileys' Node version check (done above)
+    # and a protobufjs version notice; npm 11 skips unapproved ones anyway, older npm would not
+    if ! (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts) >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "installing the Baileys test packages (npm ci in $dir) failed (see above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    echo "$want" > "$stamp"
+}
