@@ -41,7 +41,7 @@ from wadaemon.replica import Conflict, Replica
 from wadaemon.restore import RestoreOutcome, Restorer, drill
 from wadaemon.snapshot import Snapshot
 from wadaemon.state import AccountState, DaemonState, iso_time
-from wadaemon.store import StoreError, open_store
+from wadaemon.store import HeadConflict, StoreError, open_store
 from wadaemon.watcher import SessionWatcher
 from wadaemon.whatsapp.pairing import Pairing
 from wadaemon.whatsapp.session_db import SESSION_DB
@@ -259,8 +259,11 @@ class Daemon:
             if now - last_status >= STATUS_EVERY_S:
                 self.notifier.status(status_line(self.state))
                 last_status = now
-            if not self.state.store.reachable:
-                if now - last_outage_log >= OUTAGE_LOG_EVERY_S:
+            if self.replica is not None and not self.state.store.reachable:
+                if (
+                    self.state.store.reachable is False
+                    and now - last_outage_log >= OUTAGE_LOG_EVERY_S
+                ):
                     last_outage_log = now
                     self._log_outage()
                 if now - last_probe >= STORE_PROBE_EVERY_S and self._probe is None:
@@ -629,10 +632,12 @@ class Daemon:
             if full:
                 last_full = time.monotonic()
             self._pass("periodic", force=full)
+            if self.replica is not None:
+                await self._check_heads()
 
     def _store_failed(self, exc: BaseException) -> None:
         store = self.state.store
-        if store.reachable:
+        if store.reachable is not False:
             log.error("backup store %s unreachable: %s", store.target, exc)
             store.unreachable_since = time.time()
         store.reachable = False
@@ -640,14 +645,50 @@ class Daemon:
         self.metrics.store_errors.inc()
 
     def _store_ok(self) -> None:
+        """The store answered (never called for work that did not ask it)."""
         store = self.state.store
-        if not store.reachable:
+        if store.reachable is False:
             log.info("backup store %s reachable again; catching up", store.target)
             self.scheduler.retry_now()
             self._store_back.set()
             self._store_back = asyncio.Event()
+            self._spawn(self._check_heads(), "check-heads")  # did it keep what we committed?
         store.reachable = True
         store.last_ok_at = time.time()
+
+    async def _check_heads(self) -> None:
+        """Is every head this daemon committed still there? A store that lost its data (or an
+        account's backup deleted behind the daemon's back) would otherwise stay empty until
+        the account changes: such an account is backed up again at once, whole."""
+        assert self.replica is not None
+        replica = self.replica
+        known = {
+            a: st.last_backup_generation
+            for a, st in self.state.accounts.items()
+            if st.state == "protected" and st.last_backup_generation is not None
+        }
+        for account, generation in sorted(known.items()):
+            try:
+                head = await asyncio.to_thread(replica.store.read_head, account)
+            except StoreError as exc:
+                self._store_failed(exc)
+                return
+            except WadaemonError as exc:
+                log.warning("%s: cannot read the backup head: %s", account, exc)
+                continue
+            self._store_ok()
+            if head is not None and head.generation >= generation:
+                continue
+            found = "gone" if head is None else f"at generation {head.generation}"
+            log.warning(
+                "%s: the backup head this daemon committed (generation %d) is %s; backing the "
+                "session up again",
+                account,
+                generation,
+                found,
+            )
+            self._force.add(account)
+            self._changed(account)
 
     def _backup_in_thread(self, account: str, force: bool) -> Any:
         assert self.engine is not None
@@ -677,7 +718,9 @@ class Daemon:
             try:
                 result = await asyncio.to_thread(self._backup_in_thread, account, force)
             except (WadaemonError, OSError) as exc:
-                if isinstance(exc, StoreError):
+                if isinstance(exc, HeadConflict):
+                    log.warning("%s: another writer moved the head meanwhile: %s", account, exc)
+                elif isinstance(exc, StoreError):
                     self._store_failed(exc)
                 if isinstance(exc, UnreadableSession):
                     st.state = "unreadable"
@@ -707,7 +750,8 @@ class Daemon:
             self._settle(st)
             log.warning("backup: %s", result.line())
             return True
-        self._store_ok()
+        if result.commit is not None:  # the store answered (not a fingerprint shortcut)
+            self._store_ok()
         st.consecutive_failures = 0
         st.last_error = ""
         st.last_backup_at = time.time()

@@ -86,6 +86,8 @@ def report(
     store = state.store
     if store.target == "none":
         checks["store"] = Check("ok", "no backup target (local sessions only)")
+    elif store.reachable is None:
+        checks["store"] = Check("degraded", f"{store.target} not reached yet")
     elif store.reachable:
         checks["store"] = Check("ok", f"{store.target} reachable")
     else:
@@ -194,7 +196,10 @@ def status_line(state: DaemonState) -> str:
     last = state.last_backup_at()
     if state.store.target != "none":
         line += f" · last backup {_ago(now, last) if last else 'never'}"
-        line += " · store " + ("ok" if state.store.reachable else "unreachable")
+        line += (
+            " · store "
+            + {None: "not reached yet", True: "ok", False: "unreachable"}[state.store.reachable]
+        )
     else:
         line += " · backups off"
     if state.phase not in ("running",):

@@ -51,7 +51,7 @@ class _StateCollector(Collector):
                 age.add_metric([a.account], now - a.last_backup_at)
         yield age
         up = GaugeMetricFamily("wadaemon_store_up", "1 if the backup store answered last time.")
-        up.add_metric([], 1.0 if self.state.store.reachable else 0.0)
+        up.add_metric([], 1.0 if self.state.store.reachable is True else 0.0)
         yield up
         yield GaugeMetricFamily(
             "wadaemon_uptime_seconds",

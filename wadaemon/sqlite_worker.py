@@ -144,10 +144,14 @@ def _scan(
             raise _unreadable(full, exc) from None
         except FileNotFoundError:
             return
+
         def known(e: os.DirEntry[str]) -> bool:
             rel_path = f"{rel}/{e.name}" if rel else e.name
             key = unchanged.get(rel_path)
-            return key is not None and _stat_key(e.stat(follow_symlinks=False)) == key
+            try:
+                return key is not None and _stat_key(e.stat(follow_symlinks=False)) == key
+            except FileNotFoundError:
+                return False  # deleted meanwhile: _is_sqlite says no, the copy skips it
 
         sqlite_names = {
             e.name

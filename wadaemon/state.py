@@ -40,7 +40,7 @@ class AccountState:
 @dataclass
 class StoreState:
     target: str
-    reachable: bool = True
+    reachable: bool | None = None  # None: not asked yet
     last_error: str = ""
     unreachable_since: float | None = None  # wall clock, start of the current outage
     last_ok_at: float | None = None
