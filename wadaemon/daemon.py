@@ -732,7 +732,7 @@ class Daemon:
             return {"account": account, "ok": False, "error": "backup.target is none"}
         result = await asyncio.to_thread(drill, self.replica, account)
         if not result.ok:
-            log.error("verify: %s: %s", account, result.error)
+            log.error("verify: %s: generation %s: %s", account, result.generation, result.verdict())
         return result.as_dict()
 
     async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]:
