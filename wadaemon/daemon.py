@@ -678,6 +678,8 @@ class Daemon:
                 st.backup_started = None
         for warning in result.warnings:
             log.warning("%s: %s", account, warning)
+        for notice in result.notices:
+            log.info("%s: %s", account, notice)
         self.metrics.backups.labels(account, result.status).inc()
         st.last_backup_result = result.status
         if result.status == "skipped":
