@@ -1,7 +1,8 @@
 """Problems on this machine or with the store are never mistaken for bad backups: a full disk or
-a store that cannot be read never restores an older generation.
+a store that cannot be read never restores an older generation, and an unusable sessions
+directory stops the daemon with exit status 78.
 
-Real filesystems: a small tmpfs (a full disk); these tests need root."""
+Real filesystems: a small tmpfs (full disk) and a read-only bind mount; these tests need root."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ ROWS_NEWEST = 20 + 10_000
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.fail("this test needs root: it mounts small filesystems")
+        pytest.fail("this test needs root: it mounts small and read-only filesystems")
 
 
 @contextmanager
@@ -169,3 +170,45 @@ def test_a_missing_piece_is_still_a_bad_generation(env: Env) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "restored (generation 1)" in proc.stdout
     assert "is missing from" in proc.stderr and "fell back" in proc.stderr
+
+
+# --- C1: a sessions directory the daemon cannot use -----------------------------------------
+
+
+def run_daemon_to_exit(env: Env) -> subprocess.CompletedProcess[str]:
+    proc = wadaemon(env, "run")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return proc
+
+
+def test_run_on_a_read_only_sessions_directory_exits_78_with_one_message(env: Env) -> None:
+    require_root()
+    env.sessions.mkdir()
+    subprocess.run(["mount", "--bind", str(env.sessions), str(env.sessions)], check=True)
+    try:
+        subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(env.sessions)], check=True, capture_output=True
+        )
+        proc = run_daemon_to_exit(env)
+    finally:
+        subprocess.run(["umount", str(env.sessions)], check=False)
+    assert proc.returncode == 78, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "CRITICAL" in x]
+    assert line.endswith(
+        f"cannot continue: cannot use the sessions directory: {env.sessions} is on a read-only "
+        "file system; the daemon writes there (its lock, restores, .tmp/): mount it read-write, "
+        "or point sessions_path ($SESSIONS_PATH) at a writable directory"
+    )
+
+
+def test_run_with_a_file_in_place_of_the_sessions_directory_exits_78(env: Env) -> None:
+    env.sessions.write_text("not a directory")
+    proc = run_daemon_to_exit(env)
+    assert proc.returncode == 78, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "CRITICAL" in x]
+    assert line.endswith(
+        f"cannot continue: cannot use the sessions directory: {env.sessions} is not a "
+        "directory; move what is there away, or point sessions_path ($SESSIONS_PATH) at a "
+        "directory"
+    )
+    assert env.sessions.read_text() == "not a directory"
