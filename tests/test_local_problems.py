@@ -1,6 +1,6 @@
-"""Problems on this machine or with the store are never mistaken for bad backups: a full disk or
-a store that cannot be read never restores an older generation, and an unusable sessions
-directory stops the daemon with exit status 78.
+"""Problems on this machine or an absent store are never mistaken for bad backups: a full disk
+never restores an older generation, an unusable sessions directory stops the daemon with exit
+status 78, and a backup directory that is not there is an outage, not an empty store.
 
 Real filesystems: a small tmpfs (full disk) and a read-only bind mount; these tests need root."""
 
@@ -11,13 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, Env, make_db, read_ids
+from conftest import DaemonProcess, Env, make_db, read_ids, wait_until
 from test_restore import newest_only_pieces, two_generations
+
+from wadaemon.store import DirectoryStore, StoreUnavailable
 
 pytestmark = pytest.mark.slow
 
@@ -212,3 +215,73 @@ def test_run_with_a_file_in_place_of_the_sessions_directory_exits_78(env: Env) -
         "directory"
     )
     assert env.sessions.read_text() == "not a directory"
+
+
+# --- C2: a backup directory that is not there is an outage ----------------------------------
+
+ABSENT = "the backup directory {} does not exist; is the backup disk mounted?"
+
+
+def test_an_absent_backup_directory_is_never_an_empty_store(env: Env) -> None:
+    store = DirectoryStore(env.root / "not-mounted")
+    calls = {
+        "list_accounts": store.list_accounts,
+        "read_head": lambda: store.read_head("alice"),
+        "read_manifest": lambda: store.read_manifest("alice", 1),
+        "read_piece": lambda: store.read_piece("alice", "ab" * 32),
+        "missing_pieces": lambda: store.missing_pieces("alice", {"ab" * 32}),
+        "write_piece": lambda: store.write_piece("alice", "ab" * 32, b"x"),
+        "create_manifest": lambda: store.create_manifest("alice", 1, b"x"),
+        "list_generations": lambda: store.list_generations("alice"),
+        "list_pieces": lambda: store.list_pieces("alice"),
+        "read_account": lambda: store.read_account("alice"),
+        "record_account": lambda: store.record_account("alice", {"status": "x"}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable, match="is the backup disk mounted") as caught:
+            call()
+        assert ABSENT.format(env.root / "not-mounted") in str(caught.value), name
+    assert not (env.root / "not-mounted").exists()
+
+    # a backup from the command line creates nothing either
+    creds = env.sessions / "alice" / "creds.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text("{}")
+    env.backups.rmdir()
+    proc = env.cli("backup", "alice")
+    assert proc.returncode == 1
+    assert ABSENT.format(env.backups) in proc.stderr
+    assert not env.backups.exists()
+
+
+def test_backup_directory_absent_at_boot_then_mounted_restores_without_restart(
+    env: Env, daemon_factory: type[DaemonProcess]
+) -> None:
+    env.write_config(restore_timeout=3)
+    creds = env.sessions / "alice" / "creds.json"
+    creds.parent.mkdir(parents=True)
+    creds.write_text('{"me": "alice"}')
+    env.cli("backup", "alice", check=True)
+    shutil.rmtree(creds.parent)  # the session is lost...
+    unmounted = env.root / "backups.elsewhere"
+    env.backups.rename(unmounted)  # ...and the backup disk is not mounted
+
+    daemon = daemon_factory()
+    started = time.monotonic()
+    daemon.wait_for("ready", timeout=30)
+    assert time.monotonic() - started < 15  # restore.timeout_seconds, not forever
+    assert ABSENT.format(env.backups) in daemon.log()
+    status = json.loads(env.cli("status", "--json").stdout)
+    assert status["status"] == "degraded"
+    assert status["checks"]["store"]["status"] == "degraded"
+    assert ABSENT.format(env.backups) in status["checks"]["store"]["detail"]
+    assert not creds.parent.exists()
+    assert not env.backups.exists()  # nothing made an empty store in its place
+
+    unmounted.rename(env.backups)  # the disk is mounted
+    wait_until(lambda: creds.exists(), timeout=60)
+    daemon.wait_for("restore: alice: restored (generation 1)")
+    assert json.loads(creds.read_text()) == {"me": "alice"}
+    wait_until(lambda: json.loads(env.cli("status", "--json").stdout)["status"] == "ok", 30)
+    assert daemon.stop() == 0
+    assert env.head_generation("alice") == 1
