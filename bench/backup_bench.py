@@ -123,6 +123,7 @@ def bench_library(work: Path, template: Path, label: str, runs: int, rows: int) 
     for _ in range(runs):  # each first backup goes to a fresh store
         base = Path(tempfile.mkdtemp(dir=work))
         shutil.copytree(template, base / "sessions")
+        (base / "store").mkdir()
         replica = Replica(DirectoryStore(base / "store"), keyring, 5)
         engine = BackupEngine(SessionsLayout(base / "sessions"), replica)
         firsts.append(engine.backup(ACCOUNT))
@@ -180,6 +181,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
 def bench_daemon(work: Path, template: Path, label: str, debounce: float, reps: int) -> Row:
     base = Path(tempfile.mkdtemp(dir=work))
     shutil.copytree(template, base / "sessions")
+    (base / "store").mkdir()
     cli = str(Path(sys.executable).with_name("wadaemon"))
     subprocess.run([cli, "keygen", str(base / "session.key")], check=True, capture_output=True)
     config = {

@@ -59,6 +59,7 @@ def run(n: int, root: Path) -> str:
         (sessions / f"acc{i:03d}").mkdir(parents=True)
         (sessions / f"acc{i:03d}" / "session.db").write_bytes(template.read_bytes())
     key = root / "key"
+    (root / "backups").mkdir()
     subprocess.run([sys.executable, "-m", "wadaemon", "keygen", str(key)], check=True)
     config = root / "c.yaml"
     config.write_text(

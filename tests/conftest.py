@@ -157,6 +157,7 @@ def env(tmp_path: Path) -> Env:
         config=tmp_path / "wadaemon.yaml",
     )
     write_new_key(e.key)
+    e.backups.mkdir()  # as the package does: the store never creates its root
     e.write_config()
     return e
 

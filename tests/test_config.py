@@ -653,6 +653,7 @@ def test_valid_configuration_passes_check_config(tmp_path: Path) -> None:
     config = tmp_path / "wadaemon.yaml"
     config.write_text(GOOD.format(root=tmp_path))
     key = write_new_key(tmp_path / "session.key")
+    (tmp_path / "backups").mkdir()  # as the package does; absent, it is a warning
     proc = wadaemon("check-config", "--config", str(config))
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""

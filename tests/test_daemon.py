@@ -274,6 +274,7 @@ def test_sigterm_during_a_long_restore_phase_stops_promptly(
     env: Env, daemon_factory: type[DaemonProcess]
 ) -> None:
     env.write_config(restore_timeout=300)
+    env.backups.rmdir()
     env.backups.write_text("not mounted")
     daemon = daemon_factory()
     daemon.wait_for("cannot list the backed-up accounts")

@@ -167,6 +167,7 @@ def test_check_config_names_every_backup_a_replaced_key_cannot_read(env: Env) ->
 
 
 def test_check_config_warns_when_the_backups_cannot_be_reached(env: Env) -> None:
+    env.backups.rmdir()
     env.backups.write_text("the backup volume is not mounted")
     proc = env.cli("check-config")
     assert proc.returncode == 0, proc.stderr

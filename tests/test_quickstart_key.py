@@ -51,6 +51,7 @@ def test_a_fresh_start_writes_a_key_and_an_existing_key_is_kept(clone: Path) -> 
     proc, calls = quickstart(clone)
     assert proc.returncode == 0, proc.stderr
     assert calls == ["keygen local/session.key", "run --config local/wadaemon.yaml"]
+    assert (clone / "local" / "backups").is_dir()  # the daemon never creates it
 
     (clone / "local" / "session.key").write_text("the key\n")
     (clone / "local" / "backups" / "alice").mkdir(parents=True)

@@ -18,6 +18,7 @@ from wadaemon.store.base import Head
 def setup_engine(tmp_path: Path, keyring: Keyring, keep: int = 5) -> tuple[BackupEngine, Replica]:
     layout = SessionsLayout(tmp_path / "sessions")
     layout.prepare()
+    (tmp_path / "backups").mkdir()
     replica = Replica(DirectoryStore(tmp_path / "backups"), keyring, keep_generations=keep)
     return BackupEngine(layout, replica), replica
 

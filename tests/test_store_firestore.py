@@ -548,6 +548,7 @@ def test_retention_keeps_the_newest_generations_and_collects_their_unreferenced_
 @pytest.fixture(params=["directory", "firestore"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> DirectoryStore | FirestoreStore:
     if request.param == "directory":
+        (tmp_path / "backups").mkdir()
         return DirectoryStore(tmp_path / "backups")
     emulator = request.getfixturevalue("firestore_emulator")
     return FirestoreStore(emulator.project)

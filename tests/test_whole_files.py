@@ -39,6 +39,7 @@ while True:
 def setup(tmp_path: Path, keyring: Keyring) -> tuple[BackupEngine, Replica, SessionsLayout]:
     layout = SessionsLayout(tmp_path / "sessions")
     layout.prepare()
+    (tmp_path / "backups").mkdir()
     replica = Replica(DirectoryStore(tmp_path / "backups"), keyring, keep_generations=50)
     return BackupEngine(layout, replica), replica, layout
 

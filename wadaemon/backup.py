@@ -32,6 +32,7 @@ class BackupResult:
     detail: str = ""
     warnings: tuple[str, ...] = ()
     files_read: int = 0  # files the snapshot read (the others were unchanged since the head)
+    notices: tuple[str, ...] = ()  # worth one info line (what is skipped changed back to none)
 
     def line(self) -> str:
         c = self.commit
@@ -97,6 +98,8 @@ class BackupEngine:
         # account -> (generation, {path: stat key}): files whose stored content in that
         # generation stands for them while their stat key is unchanged
         self._known: dict[str, tuple[int, dict[str, StatKey]]] = {}
+        # account -> the entries skipped (not regular files) last reported: said once per change
+        self._skipped: dict[str, frozenset[tuple[str, str]]] = {}
 
     def backup(
         self,
@@ -119,6 +122,13 @@ class BackupEngine:
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
+        if source.is_symlink():
+            return BackupResult(
+                account,
+                "skipped",
+                0.0,
+                detail=f"{source} is a symbolic link, not a directory; never backed up",
+            )
         if not source.is_dir() or not has_files(source):
             state = "missing" if not source.is_dir() else "empty"
             return BackupResult(account, "skipped", 0.0, detail=f"local session is {state}")
@@ -154,6 +164,15 @@ class BackupEngine:
             f"{path}: being written (torn); this generation keeps its last whole content"
             for path in commit.carried
         )
+        notices: tuple[str, ...] = ()
+        skipped = frozenset(snapshot.skipped)
+        if skipped != self._skipped.get(account, frozenset()):
+            self._skipped[account] = skipped
+            if skipped:
+                listed = ", ".join(f"{path} ({what})" for path, what in sorted(skipped))
+                warnings += (f"not regular files, never opened nor backed up: {listed}",)
+            else:
+                notices = ("no entry is skipped any more: every one is a file or a directory",)
         return BackupResult(
             account,
             "created" if commit.created else "unchanged",
@@ -162,6 +181,7 @@ class BackupEngine:
             generation=commit.generation,
             warnings=warnings,
             files_read=sum(1 for f in snapshot.files if f.status == "copied"),
+            notices=notices,
         )
 
     def _snapshot_and_commit(

@@ -743,6 +743,8 @@ class Daemon:
                 st.backup_started = None
         for warning in result.warnings:
             log.warning("%s: %s", account, warning)
+        for notice in result.notices:
+            log.info("%s: %s", account, notice)
         self.metrics.backups.labels(account, result.status).inc()
         st.last_backup_result = result.status
         if result.status == "skipped":
@@ -798,7 +800,7 @@ class Daemon:
             return {"account": account, "ok": False, "error": "backup.target is none"}
         result = await asyncio.to_thread(drill, self.replica, account)
         if not result.ok:
-            log.error("verify: %s: %s", account, result.error)
+            log.error("verify: %s: generation %s: %s", account, result.generation, result.verdict())
         return result.as_dict()
 
     async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]:

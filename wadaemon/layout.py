@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -15,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from wadaemon.errors import UnreadableSession, WadaemonError, unreadable_message
+from wadaemon.errors import ConfigError, UnreadableSession, WadaemonError, unreadable_message
 from wadaemon.lineage import Lineage
 
 ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -50,15 +51,43 @@ class SessionsLayout:
         self.lineage = Lineage(root)
         self.used_before = False  # a daemon held this directory before (see lock)
 
+    def unusable(self, exc: OSError) -> ConfigError:
+        """Why the daemon cannot use the sessions directory, and the fix (exit status 78: a
+        restart cannot fix it, an administrator must)."""
+        path = exc.filename or self.root
+        if self.root.exists() and not self.root.is_dir():
+            what = f"{self.root} is not a directory"
+            fix = "move what is there away, or point sessions_path ($SESSIONS_PATH) at a directory"
+        elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            what = f"{path} is not a directory"
+            fix = "the daemon keeps its own directory there: move what is there away"
+        elif exc.errno == errno.EROFS:
+            what = f"{self.root} is on a read-only file system"
+            fix = (
+                "the daemon writes there (its lock, restores, .tmp/): mount it read-write, or "
+                "point sessions_path ($SESSIONS_PATH) at a writable directory"
+            )
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            what = f"{path}: {exc.strerror}"
+            fix = "the daemon's user must own the sessions directory (chown it to that user)"
+        else:
+            what = f"{path}: {exc.strerror or exc}"
+            fix = "check that the sessions directory exists and that the daemon's user owns it"
+        return ConfigError(f"cannot use the sessions directory: {what}; {fix}")
+
     def lock(self) -> int:
         """Take the sessions directory for this process; refuse if another daemon has it.
 
         Returns the descriptor that holds the lock; it is released when the process exits.
+        A directory the daemon cannot use (read-only, not a directory) is a ConfigError.
         """
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.root / LOCK_FILE
-        self.used_before = path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.used_before = path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self.unusable(exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,17 +116,14 @@ class SessionsLayout:
             self.tmp.mkdir(mode=0o700)
             return self.lineage.start(self.local_accounts(), self.used_before)
         except OSError as exc:
-            raise WadaemonError(
-                f"{exc.filename or self.root}: cannot prepare the sessions directory: "
-                f"{exc.strerror}; check that it exists and that the daemon's user owns it."
-            ) from None
+            raise self.unusable(exc) from None
 
     def prepare_tmp(self) -> None:
         """Make sure `.tmp/` exists, without clearing it (a running daemon may be using it)."""
         try:
             self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise WadaemonError(f"{self.tmp}: cannot create it: {exc.strerror}") from None
+            raise self.unusable(exc) from None
 
     def account_dir(self, account: str) -> Path:
         return self.root / validate_account_id(account)

@@ -4,6 +4,12 @@ A generation is rebuilt in a temporary directory on the same filesystem as its d
 checked (GCM tags, piece names, sizes and SHA-256 of every file, PRAGMA integrity_check of every
 database in the worker process), fsynced, and only then renamed into place. A healthy local
 session is never overwritten; a corrupt one is moved to `.quarantine/`, never deleted.
+
+Only a bad generation (it fails authentication, hashes or integrity, or a piece of it is missing
+or damaged in the store) makes a restore take the next older one. A problem on this machine (no
+space, permissions, a read-only or failing disk) or a store that cannot be read stops the restore
+instead: an older generation put in place would become the next backup's head, a silent rollback.
+`failure_cause` is that decision, in one place.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wadaemon.errors import IntegrityError, UnreadableSession, WadaemonError
+from wadaemon.errors import DecryptError, IntegrityError, UnreadableSession, WadaemonError
 from wadaemon.fsutil import fsync_dir, fsync_tree
 from wadaemon.layout import SessionsLayout, has_files
 from wadaemon.lineage import ADOPTED
@@ -25,14 +31,64 @@ from wadaemon.manifest import Manifest
 from wadaemon.ownership import apply_owners
 from wadaemon.replica import Replica, conflict_message
 from wadaemon.snapshot import check_directory, take_snapshot
+from wadaemon.store.base import NotFound, StoreDamaged, StoreError
 
 log = logging.getLogger(__name__)
 
 
 class RestoreFailed(WadaemonError):
+    """No generation could be restored: each one tried is bad."""
+
     def __init__(self, message: str, failures: list[str]) -> None:
         super().__init__(message)
         self.failures = failures
+
+
+class LocalRestoreError(WadaemonError):
+    """The rebuilt copy could not be written on this machine (no space, no permission, a
+    read-only or failing disk): not the backup's fault, so no older generation is taken."""
+
+
+# What makes a generation bad, and only this: its data does not authenticate, does not match its
+# hashes or is not whole, its manifest is malformed, or a piece of it is missing or damaged in
+# the store.
+BAD_GENERATION: tuple[type[Exception], ...] = (DecryptError, IntegrityError, NotFound, StoreDamaged)
+
+# errno -> (what happened, the fix), for the message of a LocalRestoreError
+_LOCAL_PROBLEMS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the daemon's user's quota"),
+    errno.EACCES: ("permission denied", "the daemon's user must own it and may write there"),
+    errno.EPERM: ("operation not permitted", "the daemon's user must own it and may write there"),
+    errno.EROFS: ("read-only file system", "mount it read-write"),
+    errno.EIO: ("input/output error", "the disk is failing or gone; check the kernel log (dmesg)"),
+}
+
+
+def failure_cause(exc: BaseException) -> str:
+    """Why a generation could not be rebuilt. "backup": the generation is bad, an older one may
+    be taken. "store": the store could not be read; retry later. "local": a problem on this
+    machine; fix it and retry. Neither of the last two may make an older generation current."""
+    if isinstance(exc, (RestoreFailed, *BAD_GENERATION)):
+        return "backup"
+    if isinstance(exc, StoreError):
+        return "store"
+    return "local"
+
+
+def local_problem(exc: OSError, where: Path) -> str:
+    """What went wrong on this machine, where, and the fix."""
+    what, fix = _LOCAL_PROBLEMS.get(
+        exc.errno or 0, (exc.strerror or str(exc), "fix that on this machine")
+    )
+    return f"{what} under {where}: {fix}"
+
+
+def local_error(exc: OSError, where: Path) -> LocalRestoreError:
+    return LocalRestoreError(
+        f"{local_problem(exc, where)}; no older generation is restored in its place, "
+        "the newest is restored once this is fixed"
+    )
 
 
 @dataclass
@@ -52,6 +108,7 @@ class RestoreOutcome:
     quarantined: Path | None = None
     head_state: str = ""  # for inactive: the head's state (logged_out, removed)
     backed_up: int | None = None  # the active head's generation, when the head was read
+    cause: str = ""  # for failed: backup | store | local (see failure_cause)
 
     @property
     def ok(self) -> bool:
@@ -94,17 +151,20 @@ def build_generation(
     """Rebuild one generation into the new directory `dest` and verify it completely: every
     piece authenticated, every file's size and SHA-256, and every file whole by its kind's test
     (integrity_check for databases, whole JSON...). With `owners`, files and directories get
-    their recorded modes and owners."""
+    their recorded modes and owners. A failure to write the copy is a LocalRestoreError."""
     manifest = replica.load_manifest(account, generation)
-    dest.mkdir(mode=0o700)
-    for entry in manifest.files:
-        target = dest / entry.path
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        replica.write_file(account, entry, target)
-    for d in manifest.dirs:
-        (dest / d.path).mkdir(mode=0o700, parents=True, exist_ok=True)
-    note = apply_owners(dest, manifest) if owners else ""
-    fsync_tree(dest)
+    try:
+        dest.mkdir(mode=0o700)
+        for entry in manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            replica.write_file(account, entry, target)
+        for d in manifest.dirs:
+            (dest / d.path).mkdir(mode=0o700, parents=True, exist_ok=True)
+        note = apply_owners(dest, manifest) if owners else ""
+        fsync_tree(dest)
+    except OSError as exc:
+        raise local_error(exc, dest.parent) from exc
     report = check_directory(dest, private_copy=True)
     if not report.healthy:
         raise IntegrityError(f"restored copy is not whole: {report.describe_corruption()}")
@@ -121,9 +181,18 @@ class DrillResult:
     size: int = 0
     seconds: float = 0.0
     error: str = ""
+    cause: str = ""  # when not ok: backup (the generation is bad) | store | local
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def verdict(self) -> str:
+        """What a failed drill means: FAILED only when the generation itself is bad."""
+        if self.cause == "local":
+            return f"NOT VERIFIED (a problem on this machine, not in the backup): {self.error}"
+        if self.cause == "store":
+            return f"NOT VERIFIED (the store cannot be read): {self.error}"
+        return f"FAILED: {self.error}"
 
 
 def drill(replica: Replica, account: str, generation: int | None = None) -> DrillResult:
@@ -133,16 +202,22 @@ def drill(replica: Replica, account: str, generation: int | None = None) -> Dril
     try:
         head = replica.store.read_head(account)
     except (WadaemonError, OSError) as exc:
-        return DrillResult(account, generation, False, False, error=str(exc))
+        return DrillResult(account, generation, False, False, error=str(exc), cause="store")
     if head is None:
-        return DrillResult(account, None, False, False, error="no backup of this account")
+        return DrillResult(
+            account, None, False, False, error="no backup of this account", cause="backup"
+        )
     g = head.generation if generation is None else generation
     is_head = g == head.generation
-    with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
-        try:
-            m = build_generation(replica, account, g, Path(tmp) / account, owners=False).manifest
-        except (WadaemonError, OSError) as exc:
-            return DrillResult(account, g, is_head, False, error=str(exc))
+    try:
+        with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
+            built = build_generation(replica, account, g, Path(tmp) / account, owners=False)
+    except (WadaemonError, OSError) as exc:
+        if isinstance(exc, OSError):  # the temporary directory itself
+            exc = local_error(exc, Path(tempfile.gettempdir()))
+        cause = failure_cause(exc)
+        return DrillResult(account, g, is_head, False, error=str(exc), cause=cause)
+    m = built.manifest
     return DrillResult(account, g, is_head, True, len(m.files), m.size, time.monotonic() - started)
 
 
@@ -160,6 +235,9 @@ class Restorer:
         """Build the newest generation that verifies (or exactly `generation`) under `staging`.
 
         Returns (generation, what was built, its directory, failures of newer generations).
+        Only a bad generation (failure_cause "backup") makes it try the next older one; any
+        other error (LocalRestoreError, a store error) is raised at once, our partial copy
+        removed.
         """
         head = self.replica.store.read_head(account)
         if head is None:
@@ -175,10 +253,14 @@ class Restorer:
             built = staging / f"restore-{account}-{g}-{os.getpid()}-{os.urandom(4).hex()}"
             try:
                 result = self.build(account, g, built)
-            except (WadaemonError, OSError) as exc:
+            except BaseException as exc:
+                shutil.rmtree(built, ignore_errors=True)  # our own partial copy
+                if isinstance(exc, OSError):
+                    raise local_error(exc, staging) from exc
+                if not isinstance(exc, WadaemonError) or failure_cause(exc) != "backup":
+                    raise
                 failures.append(f"generation {g}: {exc}")
                 log.warning("%s: generation %d cannot be restored: %s", account, g, exc)
-                shutil.rmtree(built, ignore_errors=True)  # our own partial copy
                 continue
             return g, result, built, failures
         tried = ", ".join(str(g) for g in candidates) or "none"
@@ -206,7 +288,9 @@ class Restorer:
         try:
             head = self.replica.store.read_head(account)
         except WadaemonError as exc:
-            return RestoreOutcome(account, "failed", detail=f"cannot read the backup head: {exc}")
+            return RestoreOutcome(
+                account, "failed", detail=f"cannot read the backup head: {exc}", cause="store"
+            )
         if head is None:
             return RestoreOutcome(account, "no-backup", detail=f"local session is {local.state}")
         if head.state != "active" and generation is None and not force:
@@ -219,9 +303,15 @@ class Restorer:
         try:
             g, result, built, failures = self.build_newest(account, self.layout.tmp, generation)
         except RestoreFailed as exc:
-            return RestoreOutcome(account, "failed", detail=str(exc), failures=exc.failures)
+            return RestoreOutcome(
+                account, "failed", detail=str(exc), failures=exc.failures, cause="backup"
+            )
         except WadaemonError as exc:
-            return RestoreOutcome(account, "failed", detail=str(exc))
+            cause = failure_cause(exc)
+            where = {"store": "the store cannot be read: ", "local": "on this machine: "}
+            return RestoreOutcome(
+                account, "failed", detail=where.get(cause, "") + str(exc), cause=cause
+            )
         quarantined: Path | None = None
         try:
             if target.exists() and local.state != "empty":
@@ -244,9 +334,11 @@ class Restorer:
                 account,
                 "failed",
                 g,
-                f"cannot move the restored copy into place: {exc}",
+                "on this machine: cannot move the restored copy into place: "
+                + local_problem(exc, self.layout.root),
                 failures,
                 quarantined,
+                cause="local",
             )
         manifest = result.manifest
         detail = f"{len(manifest.files)} files, {manifest.size} bytes, local was {local.state}"
@@ -317,10 +409,17 @@ class Restorer:
         """Restore into `dest` (which must not exist, or be empty), outside the sessions path."""
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise WadaemonError(f"{dest} exists and is not an empty directory; choose a new path")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise local_error(exc, dest.parent) from exc
         g, result, built, failures = self.build_newest(account, dest.parent, generation)
-        os.rename(built, dest)
-        fsync_dir(dest.parent)
+        try:
+            os.rename(built, dest)
+            fsync_dir(dest.parent)
+        except OSError as exc:
+            shutil.rmtree(built, ignore_errors=True)
+            raise local_error(exc, dest.parent) from exc
         manifest = result.manifest
         detail = f"{len(manifest.files)} files, {manifest.size} bytes into {dest}"
         if failures:

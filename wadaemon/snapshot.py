@@ -53,6 +53,9 @@ class Snapshot:
     dirs: tuple[DirEntry, ...] = ()  # every directory, the account directory as "."
     # paired devices in each WhatsApp client database (whatsmeow's schema), by relative path
     devices: tuple[tuple[str, int], ...] = ()
+    # (relative path, what it is) of entries that are neither regular files nor directories
+    # (symlinks, FIFOs, sockets, devices): never opened, never backed up
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def device_count(self, path: str) -> int | None:
         return dict(self.devices).get(path)
@@ -141,7 +144,8 @@ def take_snapshot(
         for f in out["files"]
         if f.get("devices") is not None
     )
-    return Snapshot(account, dest, files, tuple(out.get("warnings", ())), dirs, devices)
+    skipped = tuple((str(p).replace("\\", "/"), str(what)) for p, what in out.get("skipped", ()))
+    return Snapshot(account, dest, files, tuple(out.get("warnings", ())), dirs, devices, skipped)
 
 
 def check_directory(path: Path, *, private_copy: bool = False) -> CheckReport:

@@ -12,7 +12,8 @@ closed on the file would drop the client's locks. This module runs as
                        else reported torn and not copied. Options on stdin (JSON): "reuse",
                        {path: stat key} of files the caller already holds; a file whose stat
                        still matches is not read. Every file and directory comes with its mode
-                       and numeric owner and group.
+                       and numeric owner and group; what is neither (symlinks, FIFOs, sockets,
+                       devices) is listed as skipped, never opened.
     check DIR          every file passes its kind's test: PRAGMA integrity_check for SQLite
                        databases, whole content for the others.
                        --immutable opens databases as immutable (for private copies).
@@ -23,6 +24,7 @@ closed on the file would drop the client's locks. This module runs as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -30,7 +32,6 @@ import sqlite3
 import stat
 import sys
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -45,6 +46,9 @@ BUSY_TIMEOUT_S = 10.0
 WHOLE_WITHIN_S = 0.5
 REREAD_EVERY_S = 0.005
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# errors of an open that met a symlink, a FIFO with no writer, a device or a socket: not a file
+NOT_A_FILE = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTDIR)
 
 
 class WorkerError(Exception):
@@ -55,17 +59,51 @@ class Unreadable(WorkerError):
     """The daemon's user may not read something in the account directory."""
 
 
+class Replaced(WorkerError):
+    """A file was replaced by something else (a symlink, another file) while it was copied."""
+
+
 def _unreadable(path: str, exc: OSError) -> Unreadable:
     return Unreadable(unreadable_message(path, exc.strerror))
 
 
-def _open_regular(path: str) -> int | None:
-    """A descriptor on `path` if it is a regular file; None for anything else. Never follows a
-    symlink and never blocks (a FIFO opens at once and is refused)."""
+def _open_root(path: str) -> int:
+    """A descriptor on the account directory itself; never through a symlink."""
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        return os.open(path, DIR_FLAGS)
+    except PermissionError as exc:
+        raise _unreadable(path, exc) from None
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise WorkerError(f"{path}: not a directory (a symlink, or a file); not used") from None
+        raise WorkerError(f"{path}: {exc.strerror}") from None
+
+
+def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
+    """Open `rel` (a relative path with '/' separators) under the directory `root_fd`, every
+    component with O_NOFOLLOW: a directory swapped for a symlink on the way is not followed
+    (the open fails with ELOOP or ENOTDIR)."""
+    parts = rel.split("/")
+    fd = root_fd
+    try:
+        for name in parts[:-1]:
+            parent, fd = fd, os.open(name, DIR_FLAGS, dir_fd=fd)
+            if parent != root_fd:
+                os.close(parent)
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _open_regular(root_fd: int, rel: str) -> int | None:
+    """A descriptor on `rel` under `root_fd` if it is a regular file; None for anything else.
+    Never follows a symlink (on the way either) and never blocks (a FIFO opens at once and is
+    refused)."""
+    try:
+        fd = _open_beneath(root_fd, rel, OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno in NOT_A_FILE:
             return None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -74,9 +112,9 @@ def _open_regular(path: str) -> int | None:
     return fd
 
 
-def _is_sqlite(path: str) -> bool:
+def _is_sqlite(dir_fd: int, name: str, path: str) -> bool:
     try:
-        fd = _open_regular(path)
+        fd = _open_regular(dir_fd, name)
     except FileNotFoundError:
         return False
     except PermissionError as exc:
@@ -87,6 +125,20 @@ def _is_sqlite(path: str) -> bool:
         return os.pread(fd, 16, 0) == SQLITE_MAGIC
     finally:
         os.close(fd)
+
+
+def _what(mode: int) -> str:
+    """What a directory entry that is neither a regular file nor a directory is."""
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _overflow_id(kind: str) -> int:
@@ -123,31 +175,30 @@ def _stat_key(st: os.stat_result) -> list[int]:
 
 
 def _scan(
-    root: str, unchanged: dict[str, list[int]] | None = None
-) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[str]]:
+    root: str, root_fd: int, unchanged: dict[str, list[int]] | None = None
+) -> tuple[list[tuple[str, str]], list[dict[str, Any]], list[list[str]]]:
     """(relative path, kind) of each file to copy, the directories (owner and mode, the account
-    directory itself as "."), and warnings for what is skipped. Raises Unreadable if a directory
-    cannot be listed: an unreadable directory must never look empty. A file whose stat key is
-    `unchanged[path]` is not opened to look for a SQLite header: it was no database then."""
+    directory itself as "."), and [relative path, what it is] of each entry skipped because it
+    is neither a regular file nor a directory. Directories are opened and listed through
+    descriptors, never through a symlink. Raises Unreadable if a directory cannot be listed: an
+    unreadable directory must never look empty. A file whose stat key is `unchanged[path]` is
+    not opened to look for a SQLite header: it was no database then."""
     unchanged = unchanged or {}
     found: list[tuple[str, str]] = []
     dirs: list[dict[str, Any]] = []
-    warnings: list[str] = []
+    skipped: list[list[str]] = []
 
-    def walk(rel: str) -> None:
+    def walk(dir_fd: int, rel: str) -> None:
         full = os.path.join(root, rel) if rel else root
         try:
-            dirs.append({"path": rel or ".", **_owner(os.stat(full, follow_symlinks=False))})
-            with os.scandir(full) as it:
+            dirs.append({"path": rel or ".", **_owner(os.fstat(dir_fd))})
+            with os.scandir(dir_fd) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except PermissionError as exc:
             raise _unreadable(full, exc) from None
-        except FileNotFoundError:
-            return
 
         def known(e: os.DirEntry[str]) -> bool:
-            rel_path = f"{rel}/{e.name}" if rel else e.name
-            key = unchanged.get(rel_path)
+            key = unchanged.get(f"{rel}/{e.name}" if rel else e.name)
             try:
                 return key is not None and _stat_key(e.stat(follow_symlinks=False)) == key
             except FileNotFoundError:
@@ -156,15 +207,32 @@ def _scan(
         sqlite_names = {
             e.name
             for e in entries
-            if e.is_file(follow_symlinks=False) and not known(e) and _is_sqlite(e.path)
+            if e.is_file(follow_symlinks=False)
+            and not known(e)
+            and _is_sqlite(dir_fd, e.name, os.path.join(full, e.name))
         }
         for e in entries:
             erel = f"{rel}/{e.name}" if rel else e.name
             if e.is_dir(follow_symlinks=False):
-                walk(erel)
+                try:
+                    sub = os.open(e.name, DIR_FLAGS, dir_fd=dir_fd)
+                except PermissionError as exc:
+                    raise _unreadable(os.path.join(full, e.name), exc) from None
+                except OSError as exc:
+                    if exc.errno in NOT_A_FILE or exc.errno == errno.ENOENT:
+                        continue  # replaced or deleted while we looked: not in this copy
+                    raise
+                try:
+                    walk(sub, erel)
+                finally:
+                    os.close(sub)
                 continue
             if not e.is_file(follow_symlinks=False):
-                warnings.append(f"{erel}: not a regular file (symlink or special), not backed up")
+                try:
+                    mode = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue
+                skipped.append([erel, _what(mode)])
                 continue
             if any(
                 e.name.endswith(s) and e.name[: -len(s)] in sqlite_names for s in SIDECAR_SUFFIXES
@@ -172,8 +240,8 @@ def _scan(
                 continue  # folded into its database by the backup API
             found.append((erel, SQLITE if e.name in sqlite_names else kind_of(erel).name))
 
-    walk("")
-    return found, dirs, warnings
+    walk(root_fd, "")
+    return found, dirs, skipped
 
 
 def _integrity(conn: sqlite3.Connection) -> str:
@@ -181,13 +249,135 @@ def _integrity(conn: sqlite3.Connection) -> str:
     return "ok" if rows == ["ok"] else "; ".join(str(r) for r in rows[:5])
 
 
-def _copy_sqlite(src: str, dst: str) -> dict[str, Any]:
-    source = sqlite3.connect(f"file:{quote(src)}", uri=True, timeout=BUSY_TIMEOUT_S)
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino)
+
+
+def _open_files() -> dict[int, Identity] | None:
+    """The files this process has open, by descriptor; None if /proc cannot tell."""
+    try:
+        numbers = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    out: dict[int, Identity] = {}
+    for n in numbers:
+        try:
+            out[int(n)] = _identity(os.stat(f"/proc/self/fd/{n}"))
+        except (OSError, ValueError):
+            continue  # the descriptor that listed the directory, closed since
+    return out
+
+
+_OPEN_ERRORS = {
+    errno.ELOOP: "a symbolic link",
+    errno.ENOTDIR: "under a symbolic link",
+    errno.ENXIO: "a socket",
+    errno.ENODEV: "a device",
+    errno.EOPNOTSUPP: "a socket",
+}
+
+
+def _regular_stat(root_fd: int, rel: str) -> os.stat_result | None:
+    """The stat of `rel` under `root_fd` if it is a regular file reached without following
+    a symlink; None if it is absent. Raises Replaced if it is anything else."""
+    try:
+        fd = _open_beneath(root_fd, rel, OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno in NOT_A_FILE:
+            what = _OPEN_ERRORS.get(exc.errno or 0, "not a regular file")
+            raise Replaced(f"{rel}: {what}, not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise Replaced(f"{rel}: {_what(st.st_mode)}, not a regular file")
+    return st
+
+
+def _regular_identity(root_fd: int, rel: str) -> Identity | None:
+    st = _regular_stat(root_fd, rel)
+    return None if st is None else _identity(st)
+
+
+def _check_opened(before: dict[int, Identity] | None, allowed: set[Identity], rel: str) -> None:
+    """Every file opened since `before` is one of `allowed`: SQLite opens by name, so a path
+    swapped for a symlink between our check and its open would make it read another file."""
+    if before is None:
+        return
+    now = _open_files() or {}
+    for n, ident in now.items():
+        if before.get(n) != ident and ident not in allowed:
+            raise Replaced(
+                f"{rel}: replaced while it was copied (a symlink, or another file); this "
+                "copy is not used"
+            )
+
+
+def _connect(
+    root_fd: int, rel: str, uri: str
+) -> tuple[sqlite3.Connection, os.stat_result, dict[int, Identity] | None]:
+    """Connect SQLite to the database `rel` under `root_fd`. SQLite opens files by name,
+    following symlinks, and blocks on a FIFO: so the database and its -wal, -shm and -journal
+    are first checked to be regular files (or absent) reached without a symlink, and the file
+    SQLite opened (at once, before reading anything) is checked to be the database checked.
+    Returns the connection, the database's stat and the files open before (for
+    _check_opened); raises Replaced, or FileNotFoundError if the database is gone."""
+    st = _regular_stat(root_fd, rel)
+    if st is None:
+        raise FileNotFoundError(rel)
+    main = _identity(st)
+    for suffix in SIDECAR_SUFFIXES:
+        try:
+            _regular_identity(root_fd, rel + suffix)
+        except Replaced as exc:
+            raise Replaced(
+                f"{exc}: SQLite would open it with {rel}, so {rel} is not read until it is removed"
+            ) from None
+    before = _open_files()
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        _check_opened(before, {main}, rel)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, st, before
+
+
+def _copy_sqlite(
+    root_fd: int, rel: str, src: str, dst: str
+) -> tuple[dict[str, Any], os.stat_result]:
+    """Copy a database with the online backup API (opened by _connect). Every file SQLite
+    opened is then checked to be the database, its -wal/-shm/-journal (regular files) or the
+    copy: anything else refuses the copy (Replaced). Returns what the copy says (page size,
+    paired devices) and the stat of the database copied."""
+    try:
+        source, st, before = _connect(root_fd, rel, f"file:{quote(src)}")
+    except FileNotFoundError:
+        raise FileNotFoundError(src) from None
+    main = _identity(st)
     try:
         source.execute("PRAGMA query_only=1")
         target = sqlite3.connect(dst)
         try:
             source.backup(target)
+            allowed = {main}
+            for path in (rel + s for s in SIDECAR_SUFFIXES):
+                ident = _regular_identity(root_fd, path)
+                if ident is not None:
+                    allowed.add(ident)
+            for path in (dst, *(dst + s for s in SIDECAR_SUFFIXES)):
+                with contextlib.suppress(FileNotFoundError):
+                    allowed.add(_identity(os.stat(path, follow_symlinks=False)))
+            _check_opened(before, allowed, rel)
+            if _regular_identity(root_fd, rel) != main:
+                raise Replaced(f"{rel}: replaced while it was copied; this copy is not used")
             result = _integrity(target)
             page_size = int(target.execute("PRAGMA page_size").fetchone()[0])
             devices = _devices(target) if result == "ok" else None
@@ -197,7 +387,7 @@ def _copy_sqlite(src: str, dst: str) -> dict[str, Any]:
         source.close()
     if result != "ok":
         raise WorkerError(f"the copy fails PRAGMA integrity_check: {result}")
-    return {"page_size": page_size, "devices": devices}
+    return {"page_size": page_size, "devices": devices}, st
 
 
 def _devices(conn: sqlite3.Connection) -> int | None:
@@ -209,16 +399,16 @@ def _devices(conn: sqlite3.Connection) -> int | None:
     return int(conn.execute("SELECT count(*) FROM whatsmeow_device").fetchone()[0])
 
 
-def _read_whole(path: str, kind: str) -> tuple[bytes, os.stat_result, str | None]:
+def _read_whole(root_fd: int, rel: str, kind: str) -> tuple[bytes, os.stat_result, str | None]:
     """Read a file that its writer may be rewriting in place, until the copy is whole: the file
     did not change while it was read and the content passes its kind's test. Gives up after
     WHOLE_WITHIN_S and returns why the last read is not whole."""
     torn = by_name(kind).torn
     deadline = time.monotonic() + WHOLE_WITHIN_S
     while True:
-        fd = _open_regular(path)
+        fd = _open_regular(root_fd, rel)
         if fd is None:
-            raise FileNotFoundError(path)  # replaced by something else: not part of this copy
+            raise FileNotFoundError(rel)  # replaced by something else: not part of this copy
         try:
             before = os.fstat(fd)
             chunks = []
@@ -243,7 +433,17 @@ def _read_whole(path: str, kind: str) -> tuple[bytes, os.stat_result, str | None
 def snapshot(src_root: str, dst_root: str, reuse: dict[str, list[int]]) -> dict[str, Any]:
     """Copy an account directory. A file whose stat matches `reuse[path]` is not read (the
     caller holds its content); a file that stays torn is reported, not copied."""
-    entries, dirs, warnings = _scan(src_root, reuse)
+    root_fd = _open_root(src_root)
+    try:
+        return _snapshot(src_root, root_fd, dst_root, reuse)
+    finally:
+        os.close(root_fd)
+
+
+def _snapshot(
+    src_root: str, root_fd: int, dst_root: str, reuse: dict[str, list[int]]
+) -> dict[str, Any]:
+    entries, dirs, skipped = _scan(src_root, root_fd, reuse)
     files: list[dict[str, Any]] = []
     for rel, kind in entries:
         src = os.path.join(src_root, rel)
@@ -256,11 +456,10 @@ def snapshot(src_root: str, dst_root: str, reuse: dict[str, list[int]]) -> dict[
                     continue
             os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
             if kind == SQLITE:
-                st = os.stat(src, follow_symlinks=False)
-                extra = _copy_sqlite(src, dst)
+                extra, st = _copy_sqlite(root_fd, rel, src, dst)
                 files.append({"path": rel, "kind": kind, "status": "copied", **_owner(st), **extra})
                 continue
-            data, st, why = _read_whole(src, kind)
+            data, st, why = _read_whole(root_fd, rel, kind)
             record = {"path": rel, "kind": kind, **_owner(st), "stat": _stat_key(st)}
             if why is not None:
                 files.append({**record, "status": "torn", "torn": why})
@@ -272,22 +471,32 @@ def snapshot(src_root: str, dst_root: str, reuse: dict[str, list[int]]) -> dict[
             continue  # deleted while we looked: it is not part of this snapshot
         except PermissionError as exc:
             raise _unreadable(src, exc) from None
+        except Replaced:
+            raise
         except (sqlite3.Error, WorkerError, OSError) as exc:
             raise WorkerError(f"{rel}: {exc}") from None
-    return {"files": files, "dirs": dirs, "warnings": warnings}
+    return {"files": files, "dirs": dirs, "skipped": skipped}
 
 
 def check(root: str, immutable: bool) -> dict[str, Any]:
     """Every file passes its kind's test: integrity_check for databases, whole content for the
     others (read again for a moment if a writer is rewriting it)."""
-    entries, _, _ = _scan(root)
+    root_fd = _open_root(root)
+    try:
+        return _check(root, root_fd, immutable)
+    finally:
+        os.close(root_fd)
+
+
+def _check(root: str, root_fd: int, immutable: bool) -> dict[str, Any]:
+    entries, _, _ = _scan(root, root_fd)
     databases: list[str] = []
     corrupt: list[dict[str, str]] = []
     for rel, kind in entries:
         path = os.path.join(root, rel)
         if kind != SQLITE:
             try:
-                _, _, why = _read_whole(path, kind)
+                _, _, why = _read_whole(root_fd, rel, kind)
             except FileNotFoundError:
                 continue
             except PermissionError as exc:
@@ -295,17 +504,22 @@ def check(root: str, immutable: bool) -> dict[str, Any]:
             if why is not None:
                 corrupt.append({"path": rel, "detail": why})
             continue
-        databases.append(rel)
         uri = f"file:{quote(path)}" + ("?immutable=1" if immutable else "")
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+            conn = _connect(root_fd, rel, uri)[0]
+        except FileNotFoundError:
+            continue
+        except sqlite3.Error as exc:
+            conn, result = None, str(exc)
+        databases.append(rel)
+        if conn is not None:
             try:
                 conn.execute("PRAGMA query_only=1")
                 result = _integrity(conn)
+            except sqlite3.Error as exc:
+                result = str(exc)
             finally:
                 conn.close()
-        except sqlite3.Error as exc:
-            result = str(exc)
         if result != "ok":
             corrupt.append({"path": rel, "detail": result})
     return {"files": len(entries), "databases": databases, "corrupt": corrupt}
@@ -334,8 +548,6 @@ def session(path: str, create: bool) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     try:
         if len(argv) == 3 and argv[0] == "snapshot":
-            if not Path(argv[1]).is_dir():
-                raise WorkerError(f"{argv[1]}: not a directory")
             options = json.loads(sys.stdin.read() or "{}")
             out = snapshot(argv[1], argv[2], options.get("reuse", {}))
         elif len(argv) in (2, 3) and argv[0] == "check":

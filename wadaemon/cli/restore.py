@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "restore",
         help="restore an account (only if its local session is missing, empty or corrupt)",
-        description="Restore the newest generation that verifies (falling back to older ones). "
+        description="Restore the newest generation that verifies (falling back to older ones "
+        "only when a newer one is bad; a problem on this machine, such as a full disk, or a store "
+        "that cannot be read stops the restore instead). "
         "A healthy local session is kept unless --force; anything replaced is moved to "
         "<sessions_path>/.quarantine/, never deleted. Stop the daemon (or the program using the "
         "session) before forcing a restore over a session in use.",

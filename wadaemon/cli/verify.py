@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="For each account (all backed-up accounts by default), rebuild the head "
         "generation in a temporary directory and check it completely: decryption and "
         "authentication, every file's size and SHA-256, PRAGMA integrity_check. Exits 1 if any "
-        "account's head generation cannot be restored. Nothing local is touched.",
+        "generation checked cannot be restored (FAILED), or could not be checked because of a "
+        "problem on this machine or with the store (NOT VERIFIED: not the backup's fault). "
+        "Nothing local is touched.",
     )
     p.add_argument("accounts", nargs="*", metavar="ACCOUNT")
     p.add_argument("--all-generations", action="store_true", help="check every kept generation")
@@ -40,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
             label = f"generation {r.generation}" if r.generation is not None else "no generation"
             if not r.ok:
                 failed += 1
-                print(f"{account}: {label}: FAILED: {r.error}", file=sys.stderr)
+                print(f"{account}: {label}: {r.verdict()}", file=sys.stderr)
                 continue
             head_mark = " (head)" if r.is_head else ""
             print(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from wadaemon.config import Config
 from wadaemon.errors import ConfigError
-from wadaemon.store.base import Head, HeadConflict, NotFound, Store, StoreError, StoreUnavailable
+from wadaemon.store.base import (
+    Head,
+    HeadConflict,
+    NotFound,
+    Store,
+    StoreDamaged,
+    StoreError,
+    StoreUnavailable,
+)
 from wadaemon.store.directory import DirectoryStore
 
 __all__ = [
@@ -13,6 +21,7 @@ __all__ = [
     "HeadConflict",
     "NotFound",
     "Store",
+    "StoreDamaged",
     "StoreError",
     "StoreUnavailable",
     "open_store",

@@ -31,6 +31,11 @@ class NotFound(StoreError):
     pass
 
 
+class StoreDamaged(StoreError):
+    """An object the store holds is damaged or incomplete (a malformed document, a missing
+    part): the generation it belongs to is bad, like one whose piece is missing."""
+
+
 class HeadConflict(StoreError):
     """The head moved since it was read: another writer committed first."""
 

@@ -6,6 +6,11 @@
 <root>/<account>/account.json              the account's metadata record, replaced atomically
 <root>/<account>/.commit.lock, .head.lock,
                  .account.lock             flock(2) locks shared by every process
+
+The root itself is never created here: the package creates it (or the administrator, or the
+quick start). A root that does not exist is a backup disk that is not mounted, an outage
+(StoreUnavailable), never an empty store: an empty store would let the daemon start with
+nothing to restore, and a backup would create a new store on the wrong disk.
 """
 
 from __future__ import annotations
@@ -40,15 +45,31 @@ class DirectoryStore:
     def describe(self) -> str:
         return f"directory {self.root}"
 
+    def _check_root(self) -> None:
+        """Raise StoreUnavailable if the root is not there (a backup disk not mounted)."""
+        if not self.root.is_dir():
+            raise StoreUnavailable(self.absent())
+
+    def absent(self) -> str:
+        if self.root.exists():
+            return (
+                f"the backup directory {self.root} is not a directory; is the backup disk mounted?"
+            )
+        return (
+            f"the backup directory {self.root} does not exist; is the backup disk mounted? "
+            "(on a new installation, create it, mode 0700, owned by the daemon's user)"
+        )
+
     # --- paths ---
     def _account(self, account: str, create: bool = False) -> Path:
         path = self.root / account
         if create and not path.is_dir():
             with self._mkdir_lock:
+                self._check_root()
                 try:
-                    self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    path.mkdir(mode=0o700, exist_ok=True)
                     for sub in ("generations", "pieces"):
-                        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+                        (path / sub).mkdir(mode=0o700, exist_ok=True)
                 except OSError as exc:
                     raise StoreUnavailable(
                         f"cannot create {path}: {exc.strerror}; check that the backup directory "
@@ -94,7 +115,7 @@ class DirectoryStore:
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
-            return []
+            raise StoreUnavailable(self.absent()) from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot list {self.root}: {exc.strerror}") from None
         return sorted(
@@ -106,6 +127,7 @@ class DirectoryStore:
         try:
             raw = json.loads(path.read_bytes())
         except FileNotFoundError:
+            self._check_root()
             return None
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}: cannot read the head: {exc}") from None
@@ -119,7 +141,10 @@ class DirectoryStore:
 
     # --- pieces ---
     def missing_pieces(self, account: str, piece_ids: Iterable[str]) -> set[str]:
-        return {p for p in set(piece_ids) if not self._piece_path(account, p).exists()}
+        missing = {p for p in set(piece_ids) if not self._piece_path(account, p).exists()}
+        if missing:
+            self._check_root()
+        return missing
 
     def write_piece(self, account: str, piece_id: str, blob: bytes) -> None:
         path = self._piece_path(account, piece_id)
@@ -135,6 +160,7 @@ class DirectoryStore:
         try:
             return path.read_bytes()
         except FileNotFoundError:
+            self._check_root()
             raise NotFound(f"piece {piece_id[:16]}… is missing from {self.describe()}") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from None
@@ -143,6 +169,7 @@ class DirectoryStore:
         base = self.root / account / "pieces"
         found: set[str] = set()
         if not base.is_dir():
+            self._check_root()
             return found
         for sub in os.scandir(base):
             if sub.is_dir():
@@ -167,6 +194,7 @@ class DirectoryStore:
         try:
             return path.read_bytes()
         except FileNotFoundError:
+            self._check_root()
             raise NotFound(f"{account}: generation {generation} has no manifest") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from None
@@ -176,6 +204,7 @@ class DirectoryStore:
         try:
             names = os.listdir(base)
         except FileNotFoundError:
+            self._check_root()
             return []
         return sorted(int(n[:-4]) for n in names if n.endswith(".bin") and n[:-4].isdigit())
 
@@ -202,6 +231,7 @@ class DirectoryStore:
         try:
             raw = json.loads(path.read_bytes())
         except FileNotFoundError:
+            self._check_root()
             return None
         except (OSError, ValueError) as exc:
             raise StoreError(f"{path}: cannot read the account record: {exc}") from None

@@ -53,6 +53,7 @@ from wadaemon.store.base import (
     Head,
     HeadConflict,
     NotFound,
+    StoreDamaged,
     StoreError,
     StoreUnavailable,
     check_head_switch,
@@ -300,7 +301,7 @@ class FirestoreStore:
             raise NotFound(f"piece {piece_id[:16]}… is missing from {self.describe()}")
         blob = (snap.to_dict() or {}).get("blob")
         if not isinstance(blob, bytes):
-            raise StoreError(f"{account}: piece {piece_id[:16]}… has no blob field")
+            raise StoreDamaged(f"{account}: piece {piece_id[:16]}… has no blob field")
         return blob
 
     def list_pieces(self, account: str) -> set[str]:
@@ -366,7 +367,7 @@ class FirestoreStore:
                 blob, count, size = bytes(data["blob"]), int(data["parts"]), int(data["size"])
                 upload = str(data["upload"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise StoreError(f"{what}: malformed manifest document ({exc!r})") from None
+                raise StoreDamaged(f"{what}: malformed manifest document ({exc!r})") from None
             chunks = [blob]
             for i in range(1, count):
                 part = ref.collection("parts").document(f"{upload}-{i:04d}")
@@ -374,11 +375,11 @@ class FirestoreStore:
                 self._count(reads=1)
                 piece = (psnap.to_dict() or {}).get("blob") if psnap.exists else None
                 if not isinstance(piece, bytes):
-                    raise StoreError(f"{what}: part {i + 1} of {count} is missing")
+                    raise StoreDamaged(f"{what}: part {i + 1} of {count} is missing")
                 chunks.append(piece)
         whole = b"".join(chunks)
         if len(whole) != size:
-            raise StoreError(f"{what}: {len(whole)} bytes stored, the document says {size}")
+            raise StoreDamaged(f"{what}: {len(whole)} bytes stored, the document says {size}")
         return whole
 
     def list_generations(self, account: str) -> list[int]:
