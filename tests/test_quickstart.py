@@ -60,6 +60,7 @@ def clone(tmp_path: Path) -> Env:
         (venv_bin / "wadaemon").write_text(script)
         (venv_bin / "wadaemon").chmod(0o755)
     write_new_key(local / "session.key")
+    (local / "backups").mkdir()  # as scripts/quickstart does: the daemon never creates it
     (local / "wadaemon.yaml").write_text(quickstart_config())
     return Env(
         root=local,
