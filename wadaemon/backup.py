@@ -6,7 +6,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +38,11 @@ class BackupResult:
         if self.status == "skipped":
             return f"{self.account}: skipped: {self.detail}"
         if self.status == "unchanged" or c is None:
+            again = ""
+            if c is not None and c.uploaded_pieces:
+                again = f"; uploaded {c.uploaded_pieces} damaged pieces again"
             return (
-                f"{self.account}: unchanged since generation {self.generation} "
+                f"{self.account}: unchanged since generation {self.generation}{again} "
                 f"({self.seconds:.2f} s)"
             )
         gc = ""
@@ -104,6 +107,7 @@ class BackupEngine:
         *,
         force: bool = False,
         refuse: Callable[[Snapshot], str | None] | None = None,
+        reupload: Collection[str] = (),
     ) -> BackupResult:
         """Back up one account now. Raises WadaemonError (snapshot or store failure) on failure.
 
@@ -115,7 +119,8 @@ class BackupEngine:
         `force`, a file whose stat is what it was when the last generation captured it is not
         read again (its stored content stands for it), so the cost follows the change, not the
         number of files. `refuse` may veto a snapshot (returning why): it is then skipped,
-        never committed.
+        never committed. `reupload`: pieces known to be damaged in the store, uploaded again
+        (see Replica.commit); give it with `force`, so that every file is read.
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
@@ -133,10 +138,10 @@ class BackupEngine:
             return BackupResult(account, "skipped", time.monotonic() - started, detail=vetoed[1])
         known = None if force else self._known.get(account)
         try:
-            outcome = self._snapshot_and_commit(account, source, known, refuse)
+            outcome = self._snapshot_and_commit(account, source, known, refuse, reupload)
         except StaleSnapshot:
             self._known.pop(account, None)
-            outcome = self._snapshot_and_commit(account, source, None, refuse)
+            outcome = self._snapshot_and_commit(account, source, None, refuse, reupload)
         except WadaemonError:
             self._known.pop(account, None)
             raise
@@ -170,6 +175,7 @@ class BackupEngine:
         source: Path,
         known: tuple[int, dict[str, StatKey]] | None,
         refuse: Callable[[Snapshot], str | None] | None,
+        reupload: Collection[str] = (),
     ) -> tuple[Snapshot, CommitResult] | str:
         """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
         reason instead if `refuse` vetoed the snapshot."""
@@ -182,7 +188,7 @@ class BackupEngine:
             veto = refuse(snapshot) if refuse is not None else None
             if veto is not None:
                 return veto
-            commit = self.replica.commit(snapshot, known[0] if known else None)
+            commit = self.replica.commit(snapshot, known[0] if known else None, reupload)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         # Stat keys that may stand for their file's content next time: not for a file modified

@@ -109,6 +109,9 @@ def build_generation(
     return Built(manifest, note)
 
 
+DRILL_TRIES = 10  # head drills that lose a race with retention start again on the new head
+
+
 @dataclass(frozen=True)
 class DrillResult:
     account: str
@@ -119,6 +122,9 @@ class DrillResult:
     size: int = 0
     seconds: float = 0.0
     error: str = ""
+    # not ok because retention dropped the generation while it was drilled: not a failure
+    dropped: bool = False
+    damaged: tuple[str, ...] = ()  # pieces of the generation that fail authentication or id
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -126,22 +132,76 @@ class DrillResult:
 
 def drill(replica: Replica, account: str, generation: int | None = None) -> DrillResult:
     """A restore drill: rebuild a generation (the head by default) in a temporary directory and
-    check it completely. Touches nothing local."""
+    check it completely. Touches nothing local.
+
+    A generation that fails while retention drops it (a concurrent commit moved the head past
+    it) has not failed: a drill of the head starts again on the new head; a drill of a given
+    generation says `dropped`. A generation that fails while it is still kept is checked piece
+    by piece: `damaged` lists the pieces that fail authentication or their id check (or are
+    missing), which a backup can upload again.
+    """
     started = time.monotonic()
-    try:
-        head = replica.store.read_head(account)
-    except (WadaemonError, OSError) as exc:
-        return DrillResult(account, generation, False, False, error=str(exc))
-    if head is None:
-        return DrillResult(account, None, False, False, error="no backup of this account")
-    g = head.generation if generation is None else generation
-    is_head = g == head.generation
-    with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
+    failure: BaseException | None = None
+    g: int | None = generation
+    for _ in range(DRILL_TRIES):
         try:
-            m = build_generation(replica, account, g, Path(tmp) / account, owners=False).manifest
+            head = replica.read_head(account)
         except (WadaemonError, OSError) as exc:
-            return DrillResult(account, g, is_head, False, error=str(exc))
-    return DrillResult(account, g, is_head, True, len(m.files), m.size, time.monotonic() - started)
+            return DrillResult(account, generation, False, False, error=str(exc))
+        if head is None:
+            return DrillResult(account, None, False, False, error="no backup of this account")
+        g = head.generation if generation is None else generation
+        is_head = g == head.generation
+        with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
+            try:
+                built = build_generation(replica, account, g, Path(tmp) / account, owners=False)
+            except (WadaemonError, OSError) as exc:
+                failure = exc
+            else:
+                m = built.manifest
+                seconds = time.monotonic() - started
+                return DrillResult(account, g, is_head, True, len(m.files), m.size, seconds)
+        if not _dropped(replica, account, g):
+            damaged = _damaged(replica, account, g)
+            error = str(failure)
+            if damaged:
+                error += f" ({len(damaged)} damaged pieces in generation {g})"
+            return DrillResult(account, g, is_head, False, error=error, damaged=damaged)
+        if generation is not None:
+            return DrillResult(
+                account,
+                g,
+                False,
+                False,
+                error=f"generation {g} is no longer kept: retention dropped it while it was "
+                "drilled",
+                dropped=True,
+            )
+        log.debug("%s: generation %d was dropped while drilled; drilling the new head", account, g)
+    return DrillResult(
+        account,
+        g,
+        True,
+        False,
+        error=f"the head moved on {DRILL_TRIES} times while it was drilled; the last try: "
+        f"{failure}",
+    )
+
+
+def _dropped(replica: Replica, account: str, generation: int) -> bool:
+    """Whether a generation that just failed is no longer kept (the head moved past it)."""
+    try:
+        head = replica.read_head(account)
+    except (WadaemonError, OSError):
+        return False
+    return head is not None and generation not in head.history
+
+
+def _damaged(replica: Replica, account: str, generation: int) -> tuple[str, ...]:
+    try:
+        return tuple(replica.damaged_pieces(account, generation))
+    except (WadaemonError, OSError):
+        return ()  # the manifest cannot be read, or the store stopped answering
 
 
 class Restorer:
@@ -159,7 +219,7 @@ class Restorer:
 
         Returns (generation, what was built, its directory, failures of newer generations).
         """
-        head = self.replica.store.read_head(account)
+        head = self.replica.read_head(account)
         if head is None:
             raise RestoreFailed(f"{account}: the store holds no backup of this account", [])
         if generation is not None and generation not in head.history:
@@ -195,7 +255,7 @@ class Restorer:
         if local.state == "healthy" and not force:
             detail = f"local session is healthy ({local.detail})"
             try:
-                head = self.replica.store.read_head(account)
+                head = self.replica.read_head(account)
             except WadaemonError as exc:
                 return RestoreOutcome(account, "kept", detail=f"{detail}; backup unknown: {exc}")
             active = head is not None and head.state == "active"
@@ -210,7 +270,7 @@ class Restorer:
         if local.state == "unreadable":
             return RestoreOutcome(account, "unreadable", detail=local.detail + "; left as it is")
         try:
-            head = self.replica.store.read_head(account)
+            head = self.replica.read_head(account)
         except WadaemonError as exc:
             return RestoreOutcome(account, "failed", detail=f"cannot read the backup head: {exc}")
         if head is None:

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def main(args: argparse.Namespace) -> int:
     account = validate_account_id(args.account)
     ctx = open_replica(args)
-    head = ctx.replica.store.read_head(account)
+    head = ctx.replica.read_head(account)
     if head is None:
         raise WadaemonError(f"{account}: no backups in {ctx.replica.store.describe()}")
     infos = ctx.replica.generations(account)
