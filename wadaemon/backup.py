@@ -6,7 +6,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +39,11 @@ class BackupResult:
         if self.status == "skipped":
             return f"{self.account}: skipped: {self.detail}"
         if self.status == "unchanged" or c is None:
+            again = ""
+            if c is not None and c.uploaded_pieces:
+                again = f"; uploaded {c.uploaded_pieces} damaged pieces again"
             return (
-                f"{self.account}: unchanged since generation {self.generation} "
+                f"{self.account}: unchanged since generation {self.generation}{again} "
                 f"({self.seconds:.2f} s)"
             )
         gc = ""
@@ -107,6 +110,7 @@ class BackupEngine:
         *,
         force: bool = False,
         refuse: Callable[[Snapshot], str | None] | None = None,
+        reupload: Collection[str] = (),
     ) -> BackupResult:
         """Back up one account now. Raises WadaemonError (snapshot or store failure) on failure.
 
@@ -118,7 +122,8 @@ class BackupEngine:
         `force`, a file whose stat is what it was when the last generation captured it is not
         read again (its stored content stands for it), so the cost follows the change, not the
         number of files. `refuse` may veto a snapshot (returning why): it is then skipped,
-        never committed.
+        never committed. `reupload`: pieces known to be damaged in the store, uploaded again
+        (see Replica.commit); give it with `force`, so that every file is read.
         """
         started = time.monotonic()
         source = self.layout.account_dir(account)
@@ -143,10 +148,10 @@ class BackupEngine:
             return BackupResult(account, "skipped", time.monotonic() - started, detail=vetoed[1])
         known = None if force else self._known.get(account)
         try:
-            outcome = self._snapshot_and_commit(account, source, known, refuse)
+            outcome = self._snapshot_and_commit(account, source, known, refuse, reupload)
         except StaleSnapshot:
             self._known.pop(account, None)
-            outcome = self._snapshot_and_commit(account, source, None, refuse)
+            outcome = self._snapshot_and_commit(account, source, None, refuse, reupload)
         except WadaemonError:
             self._known.pop(account, None)
             raise
@@ -190,6 +195,7 @@ class BackupEngine:
         source: Path,
         known: tuple[int, dict[str, StatKey]] | None,
         refuse: Callable[[Snapshot], str | None] | None,
+        reupload: Collection[str] = (),
     ) -> tuple[Snapshot, CommitResult] | str:
         """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
         reason instead if `refuse` vetoed the snapshot."""
@@ -204,7 +210,7 @@ class BackupEngine:
             if veto is not None:
                 return veto
             commit = self.replica.commit(
-                snapshot, known[0] if known else None, parent=descent.generation
+                snapshot, known[0] if known else None, reupload, parent=descent.generation
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -67,6 +67,11 @@ class RestoreConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    interval_hours: float = 24.0  # restore drills of every account; 0: none
+
+
+@dataclass(frozen=True)
 class WhatsAppConfig:
     enabled: bool
     log_level: str = "warning"  # whatsmeow's own log level
@@ -86,6 +91,7 @@ class Config:
     firestore: FirestoreConfig
     restore: RestoreConfig
     whatsapp: WhatsAppConfig
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     lines: Mapping[tuple[str, ...], int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, *key: str) -> str:
@@ -95,7 +101,8 @@ class Config:
 
 # --- schema -------------------------------------------------------------------------------------
 # A leaf is (kind, default). Kinds: "path", "path?" (a path or "" for none), "paths", "str",
-# "bool", "int>=1", "float>0", "float>=0", "choice:<a|b>". A nested dict is a section.
+# "bool", "int>=1", "float>0", "float>=0", "hours>=0", "choice:<a|b>". A nested dict is a
+# section.
 
 Schema = Mapping[str, Any]
 
@@ -125,6 +132,9 @@ SCHEMA: Schema = {
         "on_boot": ("bool", True),
         "timeout_seconds": ("float>0", 120.0),
         "parallelism": ("int>=1", 8),
+    },
+    "verify": {
+        "interval_hours": ("hours>=0", 24.0),
     },
     "whatsapp": {
         "enabled": ("bool", True),
@@ -193,12 +203,13 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
                 f"${SESSIONS_PATH_ENV}={sessions!r} is not an absolute path; set it to an "
                 "absolute directory such as /var/lib/wadaemon/sessions (the systemd drop-in does)."
             )
-    enc, bak, fs, rst, wa = (
+    enc, bak, fs, rst, wa, ver = (
         values["encryption"],
         values["backup"],
         values["firestore"],
         values["restore"],
         values["whatsapp"],
+        values["verify"],
     )
     config = Config(
         path=path,
@@ -235,6 +246,7 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             retry_after_logout=wa["retry_after_logout"],
             health_check_seconds=float(wa["health_check_seconds"]),
         ),
+        verify=VerifyConfig(interval_hours=float(ver["interval_hours"])),
         lines=lines,
     )
     _check_consistency(config, src, environ)
@@ -457,6 +469,13 @@ def _check_float(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> 
     return float(value)
 
 
+def _check_hours(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise _fail(full, src, "a number of hours, 0 or more (fractions allowed; 0: off)", value)
+    return float(value)
+
+
 def _check_choice(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> str:
     choices = kind.split(":", 1)[1].split("|")
     if value not in choices:
@@ -473,5 +492,6 @@ _CHECKS: dict[str, Callable[[Any, str, tuple[str, ...], _Source], Any]] = {
     "int>=1": _check_int,
     "float>0": _check_float,
     "float>=0": _check_float,
+    "hours>=0": _check_hours,
     "choice": _check_choice,
 }

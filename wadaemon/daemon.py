@@ -1,16 +1,19 @@
 """The daemon's lifecycle, in the manner of uvicorn's Server:
 
 lock the sessions directory → open the control socket → restore phase → watcher, periodic
-pass → WhatsApp clients (one at a time) → READY=1 → main loop (heartbeat: watchdog pings gated
-on health, STATUS) → SIGTERM: STOPPING=1, stop the clients, final backups of changed accounts,
-exit 0.
+pass, restore drills → WhatsApp clients (one at a time) → READY=1 → main loop (heartbeat:
+watchdog pings gated on health, STATUS) → SIGTERM: STOPPING=1, stop the clients, final backups
+of changed accounts, exit 0.
 SIGHUP: RELOADING=1, reload what can change live, READY=1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -28,7 +31,7 @@ from wadaemon.backup_scheduler import BackupScheduler
 from wadaemon.config import Config, load_config
 from wadaemon.control_socket import ControlServer
 from wadaemon.errors import ConfigError, UnreadableSession, WadaemonError
-from wadaemon.health import alive, core_checks, report, status_line
+from wadaemon.health import alive, core_checks, drills_check, heads_check, report, status_line
 from wadaemon.key_watch import KEY_FILES_EVERY_S, KeyWatch, key_file_problems
 from wadaemon.keyring import Keyring, load_keyring_for
 from wadaemon.layout import SessionsLayout
@@ -38,7 +41,7 @@ from wadaemon.lost_keys import sealed_heads
 from wadaemon.metrics import Metrics
 from wadaemon.notify import Notifier
 from wadaemon.replica import Conflict, Replica
-from wadaemon.restore import RestoreOutcome, Restorer, drill
+from wadaemon.restore import DrillResult, RestoreOutcome, Restorer, drill, inspect_local
 from wadaemon.snapshot import Snapshot
 from wadaemon.state import AccountState, DaemonState, iso_time
 from wadaemon.store import HeadConflict, StoreError, open_store
@@ -60,6 +63,7 @@ OUTAGE_LOG_EVERY_S = 60.0
 RESTORE_RETRY_FIRST_S = 5.0
 RESTORE_RETRY_MAX_S = 300.0
 RECORD_COALESCE_S = 1.0  # account records: at most one write per account per second
+DRILL_POLL_S = 30.0  # the drill loop looks at the configuration and the accounts this often
 FAULTS_ENV = "WADAEMON_FAULTS"  # "1" enables POST /debug/hang/{loop,watcher,backup} (tests only)
 
 
@@ -74,6 +78,18 @@ def unpaired_session(snapshot: Snapshot) -> str | None:
 
 def keyring_for(config: Config) -> Keyring | None:
     return None if config.backup.target == "none" else load_keyring_for(config)
+
+
+def drill_offset(account: str) -> float:
+    """Where in the drill interval an account's drill falls, from 0 to 1: the same on every
+    host and after every restart, and spread from account to account."""
+    return int.from_bytes(hashlib.sha256(account.encode()).digest()[:8], "big") / 2**64
+
+
+def next_drill_at(account: str, interval: float, now: float) -> float:
+    """The account's next drill time after `now` (wall clock): its offset in every interval."""
+    offset = drill_offset(account) * interval
+    return offset + (math.floor((now - offset) / interval) + 1) * interval
 
 
 class Daemon:
@@ -122,6 +138,7 @@ class Daemon:
         self._held_changed: set[str] = set()
         self._restore_locks: dict[str, asyncio.Lock] = {}
         self._pending_records: dict[str, dict[str, object]] = {}
+        self._reupload: dict[str, frozenset[str]] = {}  # damaged pieces for the next backup
         self.supervisor: Supervisor | None = None
         if config.whatsapp.enabled:
             from wadaemon.whatsapp.supervisor import Supervisor
@@ -175,6 +192,7 @@ class Daemon:
             self._spawn(self._periodic(), "periodic")
             await asyncio.sleep(0.1)  # let the watcher subscribe before the first pass
             self._pass("startup", force=True)
+            self._spawn(self._drills(), "drills")
         else:
             self.watcher.down_since = None
         if self.supervisor is not None and not self.stop_event.is_set():
@@ -669,7 +687,7 @@ class Daemon:
         }
         for account, generation in sorted(known.items()):
             try:
-                head = await asyncio.to_thread(replica.store.read_head, account)
+                head = await asyncio.to_thread(replica.read_head, account)
             except StoreError as exc:
                 self._store_failed(exc)
                 return
@@ -690,11 +708,11 @@ class Daemon:
             self._force.add(account)
             self._changed(account)
 
-    def _backup_in_thread(self, account: str, force: bool) -> Any:
+    def _backup_in_thread(self, account: str, force: bool, reupload: frozenset[str]) -> Any:
         assert self.engine is not None
         self._backup_gate.wait()  # closed only by fault injection in tests
         refuse = unpaired_session if self.supervisor is not None else None
-        return self.engine.backup(account, force=force, refuse=refuse)
+        return self.engine.backup(account, force=force, refuse=refuse, reupload=reupload)
 
     async def _backup(self, account: str) -> bool:
         assert self.engine is not None
@@ -712,11 +730,14 @@ class Daemon:
             return True
         force = account in self._force
         self._force.discard(account)
+        reupload = self._reupload.pop(account, frozenset())
         async with self._backup_slots:
             covered, st.pending_since = st.pending_since, None
             st.backup_started = time.monotonic()
             try:
-                result = await asyncio.to_thread(self._backup_in_thread, account, force)
+                result = await asyncio.to_thread(
+                    self._backup_in_thread, account, force or bool(reupload), reupload
+                )
             except (WadaemonError, OSError) as exc:
                 if isinstance(exc, HeadConflict):
                     log.warning("%s: another writer moved the head meanwhile: %s", account, exc)
@@ -772,14 +793,141 @@ class Daemon:
                     "lastEventAt": iso_time(st.last_change_at),
                 },
             )
+        elif result.commit is not None and result.commit.uploaded_pieces:
+            log.info("backup: %s", result.line())  # damaged pieces uploaded again
         else:
             log.debug("backup: %s", result.line())
         return True
 
+    # --- restore drills ----------------------------------------------------------------------
+
+    async def _drills(self) -> None:
+        """Drill every backed-up account's head once per verify.interval_hours, one account at
+        a time, each at its own offset in the interval (next_drill_at)."""
+        due: dict[str, float] = {}
+        interval = 0.0
+        while not self.stop_event.is_set():
+            hours = self.config.verify.interval_hours
+            if hours * 3600.0 != interval:  # started, or changed by a reload
+                interval = hours * 3600.0
+                due.clear()
+            if interval <= 0 or self.replica is None:
+                await self._sleep(DRILL_POLL_S)
+                continue
+            now = time.time()
+            drillable = {
+                a
+                for a, st in self.state.accounts.items()
+                if st.last_backup_generation is not None and a not in self._held
+            }
+            for account in list(due):
+                if account not in drillable:
+                    del due[account]
+            for account in drillable:
+                due.setdefault(account, next_drill_at(account, interval, now))
+            if not due:
+                await self._sleep(min(DRILL_POLL_S, interval))
+                continue
+            account = min(due, key=lambda a: due[a])
+            wait = due[account] - now
+            if wait > 0:
+                await self._sleep(min(wait, DRILL_POLL_S))
+                continue
+            await self._drill(account)
+            due[account] = next_drill_at(account, interval, time.time())
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake when stopping."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
+
+    async def _drill(self, account: str) -> None:
+        """One drill of the account's head. Damaged pieces are uploaded again from a healthy
+        local session and the drill repeated; the failure shows in /health meanwhile."""
+        assert self.replica is not None
+        result = await asyncio.to_thread(drill, self.replica, account)
+        outcome, error = ("ok", "") if result.ok else ("failed", result.error)
+        if not result.ok and result.damaged and account in self.state.accounts:
+            self._drilled(account, result, "failed", result.error + "; repairing", final=False)
+            repaired, error = await self._repair(account, result)
+            if repaired is not None:
+                result, outcome = repaired, "repaired"
+        if self.stop_event.is_set() or account not in self.state.accounts:
+            return  # stopping, or removed meanwhile
+        self._drilled(account, result, outcome, error)
+        if outcome == "failed":
+            log.error("drill: %s: generation %s: %s", account, result.generation, error)
+        elif outcome == "repaired":
+            log.warning(
+                "drill: %s: repaired: generation %s restores again (%d files, %d bytes)",
+                account,
+                result.generation,
+                result.files,
+                result.size,
+            )
+        else:
+            log.info(
+                "drill: %s: generation %s restores (%d files, %d bytes, %.2f s)",
+                account,
+                result.generation,
+                result.files,
+                result.size,
+                result.seconds,
+            )
+
+    def _drilled(
+        self, account: str, result: DrillResult, outcome: str, error: str, *, final: bool = True
+    ) -> None:
+        """What /health shows of the account's last drill; a final outcome is also counted."""
+        st = self.state.account(account)
+        st.last_drill_result = outcome
+        st.last_drill_at = time.time()
+        st.last_drill_generation = result.generation
+        st.last_drill_error = error
+        if final:
+            self.metrics.drills.labels(outcome).inc()
+
+    async def _repair(self, account: str, failed: DrillResult) -> tuple[DrillResult | None, str]:
+        """Upload again the damaged pieces a drill found, from the local session if it is
+        healthy, then drill again: (the passing drill, "") or (None, why it still fails)."""
+        assert self.replica is not None
+        n = len(failed.damaged)
+        local = await asyncio.to_thread(inspect_local, self.layout.account_dir(account))
+        if local.state != "healthy":
+            return None, (
+                f"{failed.error}; not repaired: the local session is {local.state}, so the "
+                "damaged pieces cannot be uploaded again from it"
+            )
+        log.warning(
+            "drill: %s: generation %s has %d damaged pieces in the store; uploading them again "
+            "from the local session",
+            account,
+            failed.generation,
+            n,
+        )
+        self._reupload[account] = frozenset(failed.damaged)
+        backup = await self.backup_at_once(account, f"a restore drill found {n} damaged pieces")
+        if not backup["ok"] or backup["result"] == "skipped":
+            self._reupload.pop(account, None)
+            why = backup["error"] or "the backup was skipped"
+            return None, f"{failed.error}; not repaired: the backup that uploads them failed: {why}"
+        again = await asyncio.to_thread(drill, self.replica, account)
+        if again.ok:
+            return again, ""
+        return None, f"{again.error} (after {n} damaged pieces were uploaded again)"
+
     # --- control socket API (ControlApi) -----------------------------------------------------
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        return report(self.state, self.core(), self.keys.check() if self.keys else None)
+        if self.replica is None:
+            return report(self.state, self.core())
+        return report(
+            self.state,
+            self.core(),
+            self.keys.check() if self.keys else None,
+            heads_check(dict(self.replica.head_problems)),
+            drills_check(self.state, self.config.verify.interval_hours),
+        )
 
     def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -873,7 +1021,8 @@ class Daemon:
             try:
                 head = await asyncio.to_thread(replica.set_head_state, account, state)
             except (WadaemonError, OSError) as exc:
-                self._store_failed(exc)
+                if isinstance(exc, (StoreError, OSError)):
+                    self._store_failed(exc)
                 log.warning(
                     "%s: cannot mark the backup %s yet (%s); retrying in %.0f s",
                     account,

@@ -2,8 +2,9 @@
 
 Core parts are the event loop, the watcher and the backup engine. A backup store that cannot be
 reached makes the daemon `degraded`, never `failing`: restarting would not bring Firestore back,
-and the local sessions keep working meanwhile. A lost key (see key_watch) makes it `failing`
-but does not gate the watchdog either: a restart would not bring the key back.
+and the local sessions keep working meanwhile. A lost key (see key_watch), a backup head that
+does not authenticate and a failed restore drill make it `failing` but do not gate the watchdog
+either: a restart would fix none of them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from wadaemon.state import AccountState, DaemonState, iso_time
 LOOP_LAG_FAILING_S = 10.0
 CLIENT_STATES_OK = ("connected", "connecting", "pairing", "stopped")
 WATCHER_GRACE_S = 5.0
+HEADS_LISTED = 3  # heads check: whole messages for this many accounts, then their names
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,14 @@ def alive(checks: dict[str, Check]) -> bool:
 
 
 def report(
-    state: DaemonState, core: dict[str, Check], keys: Check | None = None
+    state: DaemonState,
+    core: dict[str, Check],
+    keys: Check | None = None,
+    heads: Check | None = None,
+    drills: Check | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) for GET /health. `keys`: the key check (see key_watch), absent
-    without a backup target."""
+    """(HTTP status, JSON body) for GET /health. `keys` (see key_watch), `heads` and `drills`
+    (see heads_check, drills_check): absent without a backup target."""
     now = time.time()
     mono = time.monotonic()
     checks = dict(core)
@@ -95,8 +101,9 @@ def report(
         checks["store"] = Check(
             "degraded", f"{store.target} unreachable{since}: {store.last_error}"
         )
-    if keys is not None:
-        checks["keys"] = keys
+    for name, check in (("keys", keys), ("heads", heads), ("drills", drills)):
+        if check is not None:
+            checks[name] = check
     checks["accounts"] = _accounts_check(state)
     clients = [a for a in state.accounts.values() if a.client]
     if clients:
@@ -132,6 +139,14 @@ def report(
             "last_error": a.last_error or None,
             "last_restore": a.last_restore or None,
             "last_restore_at": iso_time(a.last_restore_at),
+            "last_drill": {
+                "result": a.last_drill_result,
+                "at": iso_time(a.last_drill_at),
+                "generation": a.last_drill_generation,
+                "error": a.last_drill_error or None,
+            }
+            if a.last_drill_result
+            else None,
             "whatsapp": _client(a, now) if a.client else None,
         }
     body: dict[str, Any] = {
@@ -144,6 +159,47 @@ def report(
         "accounts": accounts,
     }
     return (503 if overall == "failing" else 200), body
+
+
+def heads_check(problems: dict[str, str]) -> Check:
+    """failing while a backup head does not authenticate (altered in the store): nothing is
+    restored, backed up or collected for that account until it is fixed."""
+    if problems:
+        listed = sorted(problems)
+        detail = "; ".join(problems[a] for a in listed[:HEADS_LISTED])
+        if len(listed) > HEADS_LISTED:
+            detail += f"; and {len(listed) - HEADS_LISTED} more: {', '.join(listed[HEADS_LISTED:])}"
+        return Check("failing", detail)
+    return Check("ok", "every backup head read authenticates")
+
+
+def drills_check(state: DaemonState, interval_hours: float) -> Check:
+    """failing while the last restore drill of an account failed (and was not repaired)."""
+    if interval_hours <= 0:
+        return Check("ok", "off (verify.interval_hours is 0)")
+    every = f"every {interval_hours:g} h"
+    failed = sorted(
+        (a for a in state.accounts.values() if a.last_drill_result == "failed"),
+        key=lambda a: a.account,
+    )
+    if failed:
+        return Check(
+            "failing",
+            "last drill failed: "
+            + "; ".join(
+                f"{a.account} (generation {a.last_drill_generation}): {a.last_drill_error}"
+                for a in failed
+            ),
+        )
+    drilled = [a for a in state.accounts.values() if a.last_drill_result]
+    if not drilled:
+        return Check("ok", f"no drill yet (each backed-up account {every})")
+    n = len(drilled)
+    return Check(
+        "ok",
+        f"{n} account{'s' if n != 1 else ''} drilled, the last drill of each restored "
+        f"({every}; last {_ago(time.time(), max(a.last_drill_at or 0 for a in drilled))})",
+    )
 
 
 def _accounts_check(state: DaemonState) -> Check:

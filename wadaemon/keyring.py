@@ -2,8 +2,9 @@
 
 A key file holds 64 hexadecimal characters (a 256-bit master key). From each master key, HKDF
 derives independent subkeys: one for AES-256-GCM, one for piece identifiers (HMAC-SHA256), one for
-content digests, and a short public key id stored beside every blob so that restore can pick the
-right key from the keyring (the current key plus old, decrypt-only keys).
+content digests, one for the MACs of backup heads (HMAC-SHA256), and a short public key id stored
+beside every blob so that restore can pick the right key from the keyring (the current key plus
+old, decrypt-only keys).
 
 Blob layout (all integers big-endian):
     magic b"WAD1" | flags (1 byte) | key id (8 bytes) | nonce (12 bytes) | ciphertext + GCM tag
@@ -55,6 +56,7 @@ class Key:
     _aead: AESGCM = field(repr=False)
     _piece_key: bytes = field(repr=False)
     _digest_key: bytes = field(repr=False)
+    _head_key: bytes = field(repr=False)
 
     @classmethod
     def from_bytes(cls, master: bytes, source: str) -> Key:
@@ -66,6 +68,7 @@ class Key:
             _aead=AESGCM(_derive(master, "aes-256-gcm")),
             _piece_key=_derive(master, "piece-id"),
             _digest_key=_derive(master, "digest"),
+            _head_key=_derive(master, "head-mac"),
         )
 
     def piece_id(self, data: bytes | memoryview) -> str:
@@ -73,6 +76,10 @@ class Key:
 
     def digest(self, data: bytes) -> str:
         return hmac.new(self._digest_key, data, hashlib.sha256).hexdigest()
+
+    def head_mac(self, data: bytes) -> str:
+        """The MAC of a backup head (see Head.mac_input)."""
+        return hmac.new(self._head_key, data, hashlib.sha256).hexdigest()
 
 
 class Keyring:

@@ -36,7 +36,13 @@ class SealedHead:
 
 def sealed_heads(store: Store, accounts: Iterable[str] | None = None) -> list[SealedHead]:
     """The key of every account's head (all the store's accounts by default); removed heads are
-    left out. One head read per account; store errors propagate."""
+    left out. One head read per account; store errors propagate.
+
+    The heads are read as stored, not authenticated (Replica.read_head): only the key id they
+    name is used here, to say which keys must be loaded, and a head naming a key that is not
+    loaded cannot be authenticated at all, which is exactly what this reports. Nothing is picked
+    or deleted from these heads; a head altered to name a loaded key is refused wherever heads
+    are used (restore, verify, backups, collection)."""
     names = store.list_accounts() if accounts is None else accounts
     heads = []
     for account in sorted(set(names)):

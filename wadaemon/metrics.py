@@ -89,6 +89,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.drills = Counter(
+            "wadaemon_drills",
+            "Restore drills by result: ok, failed, repaired (damaged pieces were uploaded again "
+            "and the drill then passed).",
+            ["result"],
+            registry=r,
+        )
         self.store_errors = Counter(
             "wadaemon_store_errors", "Failed operations against the backup store.", registry=r
         )

@@ -8,20 +8,32 @@ Commit protocol (a crash at any point leaves the previous head on a complete gen
   5. drop generations beyond retention and pieces that no kept generation references.
 Steps 1-5 of one account run under the store's account lock, so a garbage collection can never
 delete a piece that a concurrent commit has just decided to reuse.
+
+The head is authenticated: it carries an HMAC (the head-MAC subkey of the key its key_id names)
+over the account id and all its other fields. Every head this module uses is read through
+Replica.read_head, which checks it. A head that does not authenticate (altered in the store) is
+used for nothing: no generation is picked from it, no commit switches it, no collection deletes
+anything after it. A head that cannot be authenticated but is not known to be altered (written
+by an earlier version without a MAC, naming a key that is not loaded, or missing while
+generations remain) is trusted for its generation number only: the commit that replaces it
+takes its history from the generations the store lists and collects nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from wadaemon.errors import DecryptError, IntegrityError, WadaemonError
 from wadaemon.file_kinds import OTHER, kind_of
@@ -29,7 +41,7 @@ from wadaemon.keyring import Keyring, blob_key_id
 from wadaemon.lineage import ADOPTED, Descent
 from wadaemon.manifest import FileEntry, Manifest
 from wadaemon.snapshot import Snapshot
-from wadaemon.store.base import Head, NotFound, Store, StoreError
+from wadaemon.store.base import Head, NotFound, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +115,20 @@ class TornFile(WadaemonError):
     """A file stayed torn and has no whole committed copy to stand for it: retry later."""
 
 
+class HeadNotAuthentic(WadaemonError):
+    """The head's MAC does not verify: it was altered in the store. Nothing uses it."""
+
+
+class HeadKeyNotLoaded(DecryptError):
+    """The head names a key that is not loaded, so it cannot be authenticated (a lost key)."""
+
+
+# how far a head can be trusted (see Replica.read_head)
+AUTHENTICATED = "authenticated"
+NO_MAC = "no-mac"  # written by an earlier version
+KEY_NOT_LOADED = "key-not-loaded"
+
+
 @dataclass(frozen=True)
 class CommitResult:
     account: str
@@ -147,11 +173,95 @@ class Replica:
         # account -> (generation, its files by path): the last generation committed or read
         self._entries_of: dict[str, tuple[int, dict[str, FileEntry]]] = {}
         self._last_full_gc: dict[str, float] = {}  # account -> time.monotonic()
+        self._authenticated: set[str] = set()  # accounts whose authenticated head we saw
+        self._no_mac_logged: set[str] = set()
+        # account -> why its head does not authenticate, while it does not (the daemon's
+        # `heads` check); written from worker threads, read by the event loop
+        self.head_problems: dict[str, str] = {}
+
+    # --- the head -----------------------------------------------------------------------------
+
+    def read_head(self, account: str) -> Head | None:
+        """The account's head, authenticated: the only way heads are read to be used.
+
+        Raises HeadNotAuthentic if it was altered, HeadKeyNotLoaded if the key it names is not
+        loaded. A head written by an earlier version (no MAC) is accepted, and logged once.
+        """
+        head = self.store.read_head(account)
+        if head is not None and self._trust(account, head) == KEY_NOT_LOADED:
+            raise HeadKeyNotLoaded(
+                f"the backup head of {account} names key {head.key_id}, which is not in the "
+                f"keyring ({self.keyring.describe()}), so it cannot be authenticated and "
+                f"generation {head.generation} cannot be decrypted; nothing is restored or "
+                "deleted from it: add the key file that sealed it to encryption.old_key_files, "
+                "or put back the key file from your copy"
+            )
+        return head
+
+    def _trust(self, account: str, head: Head) -> str:
+        """AUTHENTICATED, NO_MAC or KEY_NOT_LOADED; raises HeadNotAuthentic if it was altered."""
+        key = self.keyring.by_id.get(head.key_id)
+        if key is None:
+            return KEY_NOT_LOADED
+        if not head.mac:
+            if account in self._authenticated:
+                self._altered(account, head, "its MAC was removed")
+            if account not in self._no_mac_logged:
+                self._no_mac_logged.add(account)
+                log.warning(
+                    "%s: the backup head (generation %d) is not authenticated yet: it was "
+                    "written by an earlier version of wadaemon; the next backup or state change "
+                    "writes an authenticated one",
+                    account,
+                    head.generation,
+                )
+            self.head_problems.pop(account, None)
+            return NO_MAC
+        if not hmac.compare_digest(head.mac, key.head_mac(head.mac_input(account))):
+            self._altered(account, head, "its MAC does not match")
+        self._authenticated.add(account)
+        self.head_problems.pop(account, None)
+        return AUTHENTICATED
+
+    def _altered(self, account: str, head: Head, why: str) -> NoReturn:
+        message = (
+            f"the backup head of {account} does not authenticate ({why}): it was altered in the "
+            f"store, or written by a host that does not hold key {head.key_id} it names; nothing "
+            f"is restored or deleted from it, and {account} is not backed up while it stands. "
+            f"Put the head back from a copy of the store, or delete it "
+            f"({self.store.head_location(account)}): the next backup then writes a new "
+            "authenticated head over the generations the store still holds, deleting none. "
+            f"Then run `wadaemon verify {account}`"
+        )
+        self.head_problems[account] = message
+        raise HeadNotAuthentic(message)
+
+    def _sign(self, account: str, head: Head) -> Head:
+        """The head with its MAC, made with the key its key_id names."""
+        key = self.keyring.by_id.get(head.key_id)
+        if key is None:
+            raise HeadKeyNotLoaded(
+                f"{account}: cannot authenticate a head naming key {head.key_id}, which is not "
+                f"in the keyring ({self.keyring.describe()})"
+            )
+        return dataclasses.replace(head, mac=key.head_mac(head.mac_input(account)))
+
+    def _switch(self, account: str, expected: int | None, head: Head) -> Head:
+        signed = self._sign(account, head)
+        self.store.switch_head(account, expected, signed)
+        self._authenticated.add(account)
+        self.head_problems.pop(account, None)
+        return signed
 
     # --- commit -------------------------------------------------------------------------------
 
     def commit(
-        self, snapshot: Snapshot, base_generation: int | None = None, *, parent: int | None
+        self,
+        snapshot: Snapshot,
+        base_generation: int | None = None,
+        reupload: Collection[str] = (),
+        *,
+        parent: int | None,
     ) -> CommitResult:
         """Commit a snapshot as the account's next generation (or nothing if it equals the head).
 
@@ -163,6 +273,10 @@ class Replica:
         the one the generation `base_generation` holds (it must still be the head, else
         StaleSnapshot); a `torn` file keeps the last whole content the head holds (else
         TornFile: nothing is committed and the backup is retried).
+
+        `reupload`: ids of pieces known to be damaged in the store (a restore drill found them):
+        those the snapshot's files hold are uploaded again even though the store has them, also
+        when nothing else changed.
         """
         account = snapshot.account
         key = self.keyring.current
@@ -171,16 +285,30 @@ class Replica:
 
         with self.store.account_lock(account):
             head = self.store.read_head(account)
+            trusted = head is not None and self._trust(account, head) == AUTHENTICATED
+            # a head that cannot be authenticated (or is missing while generations remain) is
+            # trusted for its generation number only: the new history comes from the listing
+            listed = [] if trusted else self.store.list_generations(account)
             carried = self._carried(snapshot, head, base_generation)
             entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.pieces}
             relation = self._relation(account, head, digest, parent)
-            if relation == "same" and head is not None:
+            # only pieces of files read now can be uploaded again
+            redo = {p for e in copied.values() for p in e.pieces if p in reupload}
+            if relation == "same" and trusted and head is not None:
+                uploaded = self._upload(snapshot.root, account, list(copied.values()), redo)
                 self._head_pieces[account] = (head.generation, frozenset(all_ids))
                 return CommitResult(
-                    account, head.generation, False, len(entries), size, len(all_ids)
+                    account,
+                    head.generation,
+                    False,
+                    len(entries),
+                    size,
+                    len(all_ids),
+                    len(redo),
+                    uploaded,
                 )
             if relation in ("behind", "diverged") and head is not None:
                 raise Conflict(conflict_message(account, head.generation, parent, relation))
@@ -195,9 +323,10 @@ class Replica:
                     f"{account}: {len(lost)} pieces of files carried from generation "
                     f"{head.generation if head else None} are gone from the store"
                 )
+            missing |= redo
             uploaded_bytes = self._upload(snapshot.root, account, list(copied.values()), missing)
             expected = head.generation if head else None
-            generation = (expected or 0) + 1
+            generation = max([expected or 0, *listed]) + 1
             manifest = Manifest(
                 account,
                 generation,
@@ -206,18 +335,21 @@ class Replica:
                 digest,
                 tuple(entries),
                 dirs=dirs,
-                parent=expected if relation == "ahead" else None,
+                parent=expected if relation in ("ahead", "same") else None,
             )
             while not self.store.create_manifest(
                 account, generation, self._seal_manifest(manifest)
             ):
                 generation += 1  # a crashed or concurrent writer left a manifest with this number
                 manifest = dataclasses.replace(manifest, generation=generation)
-            # a head that is not active (logged out, removed) ended that session's history: its
-            # generations hold a dead session and must never be restored behind the new one
-            old_history = head.history if head and head.state == "active" else ()
+            if trusted:
+                # a head that is not active (logged out, removed) ended that session's history:
+                # its generations hold a dead session and must never be restored behind the new
+                old_history = head.history if head and head.state == "active" else ()
+            else:
+                old_history = tuple(sorted((g for g in listed if g < generation), reverse=True))
             history = (generation, *old_history)[: self.keep_generations]
-            self.store.switch_head(
+            self._switch(
                 account,
                 expected,
                 Head(generation, digest, key.key_id, "active", _now(), writer_name(), history),
@@ -225,8 +357,20 @@ class Replica:
             self._head_pieces[account] = (generation, frozenset(all_ids))
             self._pieces_of[(account, generation)] = frozenset(all_ids)
             self._entries_of[account] = (generation, {e.path: e for e in entries})
-            fell_off = tuple(g for g in old_history if g not in history)
-            collected = self._collect_after_commit(account, fell_off)
+            if trusted or not listed:
+                fell_off = tuple(g for g in old_history if g not in history)
+                collected = self._collect_after_commit(account, fell_off)
+            else:
+                why = "missing" if head is None else "not authenticated"
+                log.warning(
+                    "%s: generation %d replaces a head that was %s; its history is the %d "
+                    "generations the store holds, and nothing is collected this time",
+                    account,
+                    generation,
+                    why,
+                    len(listed),
+                )
+                collected = GcResult(skipped=f"the head it replaced was {why}")
         return CommitResult(
             account,
             generation,
@@ -245,7 +389,7 @@ class Replica:
         new (no active head), same (equal content), ahead (descends from it), behind (unchanged
         since an older generation) or diverged; and the head."""
         copied = self._copied_entries(snapshot)
-        head = self.store.read_head(snapshot.account)
+        head = self.read_head(snapshot.account)
         try:
             carried = self._carried(snapshot, head, None)
         except TornFile:
@@ -351,14 +495,14 @@ class Replica:
         return kind.torn(data) is None
 
     def set_head_state(self, account: str, state: str) -> Head | None:
-        """Mark the head (active, logged_out, removed), keeping its generation and history."""
+        """Mark the head (active, logged_out, removed), keeping its generation and history; the
+        head must authenticate, and is written authenticated."""
         with self.store.account_lock(account):
-            head = self.store.read_head(account)
+            head = self.read_head(account)
             if head is None or head.state == state:
                 return head
             new = dataclasses.replace(head, state=state, updated_at=_now(), writer=writer_name())
-            self.store.switch_head(account, head.generation, new)
-            return new
+            return self._switch(account, head.generation, new)
 
     def remove_account(self, account: str) -> int:
         """Delete every backup of the account; the head stays as a `removed` tombstone, so that
@@ -368,14 +512,19 @@ class Replica:
         with self.store.account_lock(account):
             head = self.store.read_head(account)
             if head is not None:
+                try:
+                    self._trust(account, head)
+                except HeadNotAuthentic as exc:  # everything is deleted anyway
+                    log.warning("%s: removing the backups all the same: %s", account, exc)
                 tomb = dataclasses.replace(
                     head,
+                    key_id=self.keyring.current.key_id,  # a tombstone names no sealed generation
                     state="removed",
                     updated_at=_now(),
                     writer=writer_name(),
                     history=(head.generation,),
                 )
-                self.store.switch_head(account, head.generation, tomb)
+                self._switch(account, head.generation, tomb)
             for generation in self.store.list_generations(account):
                 self.store.delete_manifest(account, generation)
                 deleted += 1
@@ -426,9 +575,9 @@ class Replica:
             return self._collect_garbage_locked(account)
         if not fell_off:
             return GcResult()
-        head = self.store.read_head(account)
+        head, skipped = self._head_for_collection(account)
         if head is None:
-            return GcResult(skipped="no head")
+            return GcResult(skipped=skipped)
         try:
             kept = set().union(*(self._pieces_in(account, g) for g in head.history))
             dropping = set().union(*(self._pieces_in(account, g) for g in fell_off))
@@ -444,6 +593,21 @@ class Replica:
             self.store.delete_piece(account, piece_id)
         return GcResult(fell_off, len(unreferenced))
 
+    def _head_for_collection(self, account: str) -> tuple[Head | None, str]:
+        """The head a collection may work from, or (None, why not): only an authenticated head
+        decides what is deleted."""
+        head = self.store.read_head(account)
+        if head is None:
+            return None, "no head"
+        try:
+            trust = self._trust(account, head)
+        except HeadNotAuthentic as exc:
+            log.error("%s: nothing collected: %s", account, exc)
+            return None, str(exc)
+        if trust != AUTHENTICATED:
+            return None, f"the head is not authenticated ({trust}); nothing collected"
+        return head, ""
+
     def _pieces_in(self, account: str, generation: int) -> frozenset[str]:
         cached = self._pieces_of.get((account, generation))
         if cached is None:
@@ -455,9 +619,9 @@ class Replica:
     def _collect_garbage_locked(self, account: str) -> GcResult:
         """Full collection: drop every manifest that is neither kept nor possibly in flight,
         and every piece no kept generation references."""
-        head = self.store.read_head(account)
+        head, skipped = self._head_for_collection(account)
         if head is None:
-            return GcResult(skipped="no head")
+            return GcResult(skipped=skipped)
         self._last_full_gc[account] = time.monotonic()
         keep = [g for g in head.history if g <= head.generation][: self.keep_generations]
         # Manifests below the head and outside its history are leftovers of commits that
@@ -510,6 +674,20 @@ class Replica:
             raise IntegrityError(f"piece {piece_id[:16]}… holds other content than its name says")
         return data
 
+    def damaged_pieces(self, account: str, generation: int) -> list[str]:
+        """The pieces of a generation that are missing or fail authentication or their id
+        check, read one by one (the manifest must open)."""
+        manifest = self.load_manifest(account, generation)
+        damaged = []
+        for piece_id in sorted({p for f in manifest.files for p in f.pieces}):
+            try:
+                self.read_piece(account, piece_id)
+            except StoreUnavailable:
+                raise
+            except (DecryptError, IntegrityError, StoreError):
+                damaged.append(piece_id)
+        return damaged
+
     def write_file(self, account: str, entry: FileEntry, dest: Path) -> None:
         """Rebuild one file from its pieces, checking size and SHA-256."""
         digest = hashlib.sha256()
@@ -531,7 +709,7 @@ class Replica:
         os.chmod(dest, entry.mode & 0o7777)
 
     def generations(self, account: str) -> list[GenerationInfo]:
-        head = self.store.read_head(account)
+        head = self.read_head(account)
         if head is None:
             return []
         out: list[GenerationInfo] = []

@@ -171,6 +171,9 @@ def build_generation(
     return Built(manifest, note)
 
 
+DRILL_TRIES = 10  # head drills that lose a race with retention start again on the new head
+
+
 @dataclass(frozen=True)
 class DrillResult:
     account: str
@@ -182,6 +185,9 @@ class DrillResult:
     seconds: float = 0.0
     error: str = ""
     cause: str = ""  # when not ok: backup (the generation is bad) | store | local
+    # not ok because retention dropped the generation while it was drilled: not a failure
+    dropped: bool = False
+    damaged: tuple[str, ...] = ()  # pieces of the generation that fail authentication or id
 
     def as_dict(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -197,28 +203,87 @@ class DrillResult:
 
 def drill(replica: Replica, account: str, generation: int | None = None) -> DrillResult:
     """A restore drill: rebuild a generation (the head by default) in a temporary directory and
-    check it completely. Touches nothing local."""
+    check it completely. Touches nothing local.
+
+    A generation that fails while retention drops it (a concurrent commit moved the head past
+    it) has not failed: a drill of the head starts again on the new head; a drill of a given
+    generation says `dropped`. A generation that fails while it is still kept is checked piece
+    by piece: `damaged` lists the pieces that fail authentication or their id check (or are
+    missing), which a backup can upload again.
+    """
     started = time.monotonic()
+    failure: BaseException | None = None
+    g: int | None = generation
+    for _ in range(DRILL_TRIES):
+        try:
+            head = replica.read_head(account)
+        except (WadaemonError, OSError) as exc:
+            cause = "store" if isinstance(exc, StoreError) else "backup"
+            return DrillResult(account, generation, False, False, error=str(exc), cause=cause)
+        if head is None:
+            return DrillResult(
+                account, None, False, False, error="no backup of this account", cause="backup"
+            )
+        g = head.generation if generation is None else generation
+        is_head = g == head.generation
+        try:
+            with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
+                built = build_generation(replica, account, g, Path(tmp) / account, owners=False)
+        except (WadaemonError, OSError) as exc:
+            if isinstance(exc, OSError):  # the temporary directory itself
+                exc = local_error(exc, Path(tempfile.gettempdir()))
+            failure = exc
+        else:
+            m = built.manifest
+            seconds = time.monotonic() - started
+            return DrillResult(account, g, is_head, True, len(m.files), m.size, seconds)
+        cause = failure_cause(failure)
+        if cause != "backup":  # not the generation's fault: nothing to look for in it
+            return DrillResult(account, g, is_head, False, error=str(failure), cause=cause)
+        if not _dropped(replica, account, g):
+            damaged = _damaged(replica, account, g)
+            error = str(failure)
+            if damaged:
+                error += f" ({len(damaged)} damaged pieces in generation {g})"
+            return DrillResult(
+                account, g, is_head, False, error=error, damaged=damaged, cause="backup"
+            )
+        if generation is not None:
+            return DrillResult(
+                account,
+                g,
+                False,
+                False,
+                error=f"generation {g} is no longer kept: retention dropped it while it was "
+                "drilled",
+                dropped=True,
+            )
+        log.debug("%s: generation %d was dropped while drilled; drilling the new head", account, g)
+    return DrillResult(
+        account,
+        g,
+        True,
+        False,
+        error=f"the head moved on {DRILL_TRIES} times while it was drilled; the last try: "
+        f"{failure}",
+        cause="store",
+    )
+
+
+def _dropped(replica: Replica, account: str, generation: int) -> bool:
+    """Whether a generation that just failed is no longer kept (the head moved past it)."""
     try:
-        head = replica.store.read_head(account)
-    except (WadaemonError, OSError) as exc:
-        return DrillResult(account, generation, False, False, error=str(exc), cause="store")
-    if head is None:
-        return DrillResult(
-            account, None, False, False, error="no backup of this account", cause="backup"
-        )
-    g = head.generation if generation is None else generation
-    is_head = g == head.generation
+        head = replica.read_head(account)
+    except (WadaemonError, OSError):
+        return False
+    return head is not None and generation not in head.history
+
+
+def _damaged(replica: Replica, account: str, generation: int) -> tuple[str, ...]:
     try:
-        with tempfile.TemporaryDirectory(prefix="wadaemon-verify-") as tmp:
-            built = build_generation(replica, account, g, Path(tmp) / account, owners=False)
-    except (WadaemonError, OSError) as exc:
-        if isinstance(exc, OSError):  # the temporary directory itself
-            exc = local_error(exc, Path(tempfile.gettempdir()))
-        cause = failure_cause(exc)
-        return DrillResult(account, g, is_head, False, error=str(exc), cause=cause)
-    m = built.manifest
-    return DrillResult(account, g, is_head, True, len(m.files), m.size, time.monotonic() - started)
+        return tuple(replica.damaged_pieces(account, generation))
+    except (WadaemonError, OSError):
+        return ()  # the manifest cannot be read, or the store stopped answering
 
 
 class Restorer:
@@ -239,7 +304,7 @@ class Restorer:
         other error (LocalRestoreError, a store error) is raised at once, our partial copy
         removed.
         """
-        head = self.replica.store.read_head(account)
+        head = self.replica.read_head(account)
         if head is None:
             raise RestoreFailed(f"{account}: the store holds no backup of this account", [])
         if generation is not None and generation not in head.history:
@@ -286,7 +351,7 @@ class Restorer:
         if local.state == "unreadable":
             return RestoreOutcome(account, "unreadable", detail=local.detail + "; left as it is")
         try:
-            head = self.replica.store.read_head(account)
+            head = self.replica.read_head(account)
         except WadaemonError as exc:
             return RestoreOutcome(
                 account, "failed", detail=f"cannot read the backup head: {exc}", cause="store"
@@ -358,7 +423,7 @@ class Restorer:
         detail = f"local session is healthy ({local.detail})"
         descent = self.layout.lineage.read(account)
         try:
-            head = self.replica.store.read_head(account)
+            head = self.replica.read_head(account)
         except WadaemonError as exc:
             if descent.generation is None:
                 return RestoreOutcome(

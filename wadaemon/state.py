@@ -23,6 +23,11 @@ class AccountState:
     last_change_at: float | None = None  # wall clock, the last change the watcher reported
     last_restore: str = ""  # one line: the boot restore outcome
     last_restore_at: float | None = None
+    # the last restore drill (verify.interval_hours): ok | failed | repaired ("" before the first)
+    last_drill_result: str = ""
+    last_drill_at: float | None = None  # wall clock
+    last_drill_generation: int | None = None
+    last_drill_error: str = ""
     # the WhatsApp client ("" when the daemon runs none: sidecar mode):
     # needs_qr | pairing | connecting | connected | disconnected | offline | logged_out |
     # temp_banned | replaced | stopped

@@ -70,6 +70,10 @@ def main(args: argparse.Namespace) -> int:
         f"  restore         on_boot={config.restore.on_boot}, "
         f"timeout {config.restore.timeout_seconds:g} s"
     )
+    hours = config.verify.interval_hours
+    if store is not None:
+        drills = f"every {hours:g} h, each account at its own moment" if hours else "off"
+        print(f"  restore drills  {drills}")
     wa = config.whatsapp
     if wa.enabled:
         print(

@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     if args.wait is not None and args.wait < 0:
         raise WadaemonError(f"--wait {args.wait:g}: the number of seconds cannot be negative")
     ctx = open_replica(args)
-    head = ctx.replica.store.read_head(account)
+    head = ctx.replica.read_head(account)
     if head is None and args.wait:
         head = wait_for_head(ctx, account, args.wait)
     if head is None:
@@ -80,7 +80,7 @@ def wait_for_head(ctx: Context, account: str, seconds: float) -> Head:
     deadline = time.monotonic() + seconds
     while True:
         time.sleep(max(0.0, min(WAIT_POLL_S, deadline - time.monotonic())))
-        head = ctx.replica.store.read_head(account)
+        head = ctx.replica.read_head(account)
         if head is not None:
             return head
         if time.monotonic() >= deadline:

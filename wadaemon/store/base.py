@@ -51,6 +51,10 @@ class Head:
     # committed generations, newest first (the current one included): only these are backups;
     # any other manifest is the leftover of a commit that never switched the head
     history: tuple[int, ...] = ()
+    # HMAC-SHA256 of mac_input() with the head-MAC subkey of the key named by key_id (hex); ""
+    # in heads written before heads were authenticated. Computed and checked by the replica:
+    # stores keep it like any other field.
+    mac: str = ""
 
     def __post_init__(self) -> None:
         if not self.history:
@@ -58,6 +62,16 @@ class Head:
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
+
+    def mac_input(self, account: str) -> bytes:
+        """What the head's MAC covers: the account id and every field but the MAC itself, as
+        canonical JSON. A field added later is covered without further change; while it is None
+        it is left out, so that the MACs of heads written before it existed still verify."""
+        fields = {k: v for k, v in asdict(self).items() if k != "mac" and v is not None}
+        canonical = json.dumps(
+            {"account": account, "head": fields}, sort_keys=True, separators=(",", ":")
+        )
+        return b"wadaemon/head\0" + canonical.encode()
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Head:
@@ -70,6 +84,7 @@ class Head:
                 updated_at=str(raw["updated_at"]),
                 writer=str(raw["writer"]),
                 history=tuple(int(g) for g in raw.get("history", ())),
+                mac=str(raw.get("mac") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed head record: {exc!r}") from None
@@ -95,7 +110,13 @@ class Store(Protocol):
 
     def list_accounts(self) -> list[str]: ...
 
-    def read_head(self, account: str) -> Head | None: ...
+    def read_head(self, account: str) -> Head | None:
+        """The stored head, as it is: the replica authenticates it (Replica.read_head)."""
+        ...
+
+    def head_location(self, account: str) -> str:
+        """Where the account's head is kept, for messages that tell an operator to look at it."""
+        ...
 
     def switch_head(self, account: str, expected: int | None, head: Head) -> None:
         """Set the head if its generation is still `expected` (None: no head yet).

@@ -133,6 +133,9 @@ class DirectoryStore:
             raise StoreError(f"{path}: cannot read the head: {exc}") from None
         return Head.from_dict(raw)
 
+    def head_location(self, account: str) -> str:
+        return str(self.root / account / "HEAD.json")
+
     def switch_head(self, account: str, expected: int | None, head: Head) -> None:
         with self._flock(account, ".head.lock"):
             current = self.read_head(account)

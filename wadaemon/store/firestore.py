@@ -1,8 +1,9 @@
 """The Firestore backend: Google Cloud Firestore, or its emulator ($FIRESTORE_EMULATOR_HOST).
 
 wa_sessions/{account}                                  the head: generation, digest, key_id,
-                                                       state, updated_at, writer, history,
-                                                       switched_at (server time)
+                                                       state, updated_at, writer, history, mac
+                                                       (checked by the replica), switched_at
+                                                       (server time)
 wa_sessions/{account}/generations/{gen:012d}           an encrypted manifest: blob (its first
                                                        part), parts, size, upload, created_at
 wa_sessions/{account}/generations/{gen}/parts/{upload}-{i:04d}
@@ -215,6 +216,9 @@ class FirestoreStore:
             snap = self._session(account).get(retry=RETRY, timeout=CALL_TIMEOUT)
         self._count(reads=1)
         return Head.from_dict(snap.to_dict() or {}) if snap.exists else None
+
+    def head_location(self, account: str) -> str:
+        return f"the document {self.prefix}{SESSIONS}/{account} in {self.describe()}"
 
     def switch_head(self, account: str, expected: int | None, head: Head) -> None:
         self._pace("head", account)
