@@ -57,28 +57,56 @@ def account_state(env: Env, account: str = "alice") -> str:
     return str(health(env)["accounts"][account]["state"])  # type: ignore[index]
 
 
-def run_to_generation(env: Env, daemon: DaemonProcess, first: int, last: int) -> None:
+class Target:
+    """The backup target a test runs against: the directory store or the Firestore emulator."""
+
+    def __init__(self, emulator: Emulator | None) -> None:
+        self.emulator = emulator
+
+    def configure(self, env: Env, **backup: object) -> None:
+        if self.emulator is None:
+            env.write_config(**backup)
+        else:
+            firestore_config(env, self.emulator, **backup)
+
+    def head(self, env: Env, account: str = "alice") -> int | None:
+        if self.emulator is None:
+            return env.head_generation(account)
+        return head_generation(self.emulator, account) or None
+
+
+@pytest.fixture(params=["directory", "firestore"])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "directory":
+        return Target(None)
+    return Target(request.getfixturevalue("firestore_emulator"))
+
+
+def run_to_generation(
+    env: Env, daemon: DaemonProcess, first: int, last: int, target: Target | None = None
+) -> None:
     """Change the session and wait for each change's generation."""
+    head = target.head if target is not None else Target(None).head
     for v in range(first, last + 1):
         write(creds(env), v)
-        wait_until(lambda v=v: env.head_generation("alice") == v, 20)  # type: ignore[misc]
+        wait_until(lambda v=v: head(env) == v, 20)  # type: ignore[misc]
 
 
 @pytest.fixture
-def old_disk(env: Env, daemon_factory: type[DaemonProcess]) -> Path:
+def old_disk(env: Env, daemon_factory: type[DaemonProcess], target: Target) -> Path:
     """A sessions directory as it was at generation 2 (inodes and lineage as they were, like a
     VM image or a re-attached volume), set aside while the account goes on to generation 5."""
-    env.write_config(keep_generations=10)
+    target.configure(env, keep_generations=10)
     daemon = daemon_factory()
     daemon.wait_for("ready")
-    run_to_generation(env, daemon, 1, 2)
+    run_to_generation(env, daemon, 1, 2, target)
     assert daemon.stop() == 0
     image = env.root / "sessions.image"
     os.rename(env.sessions, image)  # the disk image, untouched from here on
     shutil.copytree(image, env.sessions, symlinks=True)  # the disk that goes on
     daemon = daemon_factory()
     daemon.wait_for("ready")
-    run_to_generation(env, daemon, 3, 5)
+    run_to_generation(env, daemon, 3, 5, target)
     assert daemon.stop() == 0
     return image
 
@@ -89,7 +117,7 @@ def put_back(env: Env, image: Path) -> None:
 
 
 def test_an_old_disk_put_back_gets_the_newer_backup(
-    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path
+    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path, target: Target
 ) -> None:
     put_back(env, old_disk)
     daemon = daemon_factory()
@@ -99,13 +127,13 @@ def test_an_old_disk_put_back_gets_the_newer_backup(
     quarantined = list((env.sessions / ".quarantine").glob("alice.*.behind"))
     assert len(quarantined) == 1  # the old copy is set aside, never deleted
     write(creds(env), 6)
-    wait_until(lambda: env.head_generation("alice") == 6, 20)
+    wait_until(lambda: target.head(env) == 6, 20)
     assert daemon.stop() == 0
     assert generations(env) == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_old_disk_with_its_own_changes_is_a_conflict(
-    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path
+    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path, target: Target
 ) -> None:
     write(old_disk / "alice" / "creds.json", 99)  # changed on the old disk, never backed up
     put_back(env, old_disk)
@@ -118,7 +146,7 @@ def test_an_old_disk_with_its_own_changes_is_a_conflict(
     write(creds(env), 100)  # the gateway keeps writing: still nothing is committed over the head
     (env.sessions / "alice" / "pre-key-1.json").write_text("{}")
     time.sleep(2.0)  # a few debounce windows: backups are attempted, none is committed
-    assert env.head_generation("alice") == 5
+    assert target.head(env) == 5
     assert generations(env) == [1, 2, 3, 4, 5]
     assert account_state(env) == "conflict"
 
@@ -131,7 +159,7 @@ def test_an_old_disk_with_its_own_changes_is_a_conflict(
 
 
 def test_resolve_keep_backup_restores_the_head(
-    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path
+    env: Env, daemon_factory: type[DaemonProcess], old_disk: Path, target: Target
 ) -> None:
     write(old_disk / "alice" / "creds.json", 99)
     put_back(env, old_disk)
@@ -144,36 +172,36 @@ def test_resolve_keep_backup_restores_the_head(
     assert len(kept) == 1 and json.loads((kept[0] / "creds.json").read_text())["v"] == 99
     wait_until(lambda: account_state(env) == "protected", 10)
     write(creds(env), 6)
-    wait_until(lambda: env.head_generation("alice") == 6, 20)
+    wait_until(lambda: target.head(env) == 6, 20)
     proc = env.cli("accounts", "resolve", "alice", "--keep-backup")
     assert proc.returncode == 1 and "not in conflict" in proc.stderr
     assert daemon.stop() == 0
 
 
 def test_a_second_host_with_an_older_copy_never_rolls_the_head_back(
-    env: Env, daemon_factory: type[DaemonProcess]
+    env: Env, daemon_factory: type[DaemonProcess], target: Target
 ) -> None:
-    env.write_config(keep_generations=3)
+    target.configure(env, keep_generations=3)
     first = daemon_factory()
     first.wait_for("ready")
     write(creds(env), 1)
-    wait_until(lambda: env.head_generation("alice") == 1, 20)
+    wait_until(lambda: target.head(env) == 1, 20)
     other = Env(
         env.root / "b", env.root / "b" / "sessions", env.backups, env.key, env.root / "b.yaml"
     )
     other.extra["socket"] = env.root / "b.sock"
     other.root.mkdir()
     shutil.copytree(env.sessions / "alice", other.sessions / "alice")  # a copy of generation 1
-    other.write_config(keep_generations=3)
-    run_to_generation(env, first, 2, 6)  # the first host goes on; gens 1-3 fall out of retention
+    target.configure(other, keep_generations=3)
+    run_to_generation(env, first, 2, 6, target)  # the first host goes on; 1-3 fall out
 
     second = daemon_factory(other)
     second.wait_for("ready")
     assert "restore: alice: conflict" in second.log()
     assert account_state(other) == "conflict"
     write(other.sessions / "alice" / "creds.json", 1000)
-    run_to_generation(env, first, 7, 7)  # the first host is unaffected
-    assert env.head_generation("alice") == 7
+    run_to_generation(env, first, 7, 7, target)  # the first host is unaffected
+    assert target.head(env) == 7
     assert all(backed_up_value(env, g) == g for g in generations(env))
     assert first.stop() == 0 and second.stop() == 0
 
