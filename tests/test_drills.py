@@ -33,6 +33,7 @@ DRILL_HOURS = 0.0005  # a drill of each account every 1.8 s
 @pytest.fixture(params=["directory", "firestore"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "directory":
+        (tmp_path / "backups").mkdir()
         yield DirectoryStore(tmp_path / "backups")
         return
     emulator: Emulator = request.getfixturevalue("firestore_emulator")

@@ -32,6 +32,7 @@ ALTERED = "the backup head of alice does not authenticate"
 @pytest.fixture(params=["directory", "firestore"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "directory":
+        (tmp_path / "backups").mkdir()
         yield DirectoryStore(tmp_path / "backups")
         return
     emulator: Emulator = request.getfixturevalue("firestore_emulator")
@@ -142,6 +143,7 @@ def test_a_rewound_head_restores_nothing_and_lets_nothing_be_deleted(
 
 def test_the_head_mac_covers_every_field_and_the_account(tmp_path: Path) -> None:
     old, new = (Key.from_bytes(os.urandom(32), f"key {i}") for i in range(2))
+    (tmp_path / "backups").mkdir()
     store = DirectoryStore(tmp_path / "backups")
     s = Setup(tmp_path, store, Keyring(old), keep=5)
     s.versions("alice", 2)
@@ -221,6 +223,7 @@ def test_heads_of_earlier_versions_are_accepted_and_the_next_backup_authenticate
 
 def test_rotation_lost_keys_and_a_deleted_head(tmp_path: Path) -> None:
     k1, k2, k3 = (Key.from_bytes(os.urandom(32), f"key {i}") for i in range(3))
+    (tmp_path / "backups").mkdir()
     store = DirectoryStore(tmp_path / "backups")
     s = Setup(tmp_path, store, Keyring(k1), keep=3)
     s.versions("alice", 2)
