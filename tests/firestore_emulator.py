@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from wadaemon.store import DirectoryStore, Store
+from wadaemon.store.firestore import FirestoreStore
+
 JAR_ENV = "FIRESTORE_EMULATOR_JAR"
 DEFAULT_JAR = Path(
     "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
@@ -174,3 +177,16 @@ def firestore_emulator(
     yield emulator
     if not emulator.running():  # a test that stopped it and failed before starting it again
         emulator.start()
+
+
+@pytest.fixture(params=["directory", "firestore"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Each backend in turn: an empty backup directory, then the emulator."""
+    if request.param == "directory":
+        (tmp_path / "backups").mkdir()
+        yield DirectoryStore(tmp_path / "backups")
+        return
+    emulator: Emulator = request.getfixturevalue("firestore_emulator")
+    store = FirestoreStore(emulator.project, write_interval=0.05)
+    yield store
+    store.client.close()  # type: ignore[no-untyped-call]

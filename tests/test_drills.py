@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,6 @@ from wadaemon.store import DirectoryStore, Store
 from wadaemon.store.firestore import FirestoreStore
 
 DRILL_HOURS = 0.0005  # a drill of each account every 1.8 s
-
-
-@pytest.fixture(params=["directory", "firestore"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "directory":
-        (tmp_path / "backups").mkdir()
-        yield DirectoryStore(tmp_path / "backups")
-        return
-    emulator: Emulator = request.getfixturevalue("firestore_emulator")
-    store = FirestoreStore(emulator.project, write_interval=0.05)
-    yield store
-    store.client.close()  # type: ignore[no-untyped-call]
 
 
 def corrupt_piece(store: Store, account: str, piece_id: str) -> bytes:

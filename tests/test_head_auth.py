@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,6 @@ from wadaemon.store import DirectoryStore, Store
 from wadaemon.store.firestore import FirestoreStore
 
 ALTERED = "the backup head of alice does not authenticate"
-
-
-@pytest.fixture(params=["directory", "firestore"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "directory":
-        (tmp_path / "backups").mkdir()
-        yield DirectoryStore(tmp_path / "backups")
-        return
-    emulator: Emulator = request.getfixturevalue("firestore_emulator")
-    store = FirestoreStore(emulator.project, write_interval=0.05)
-    yield store
-    store.client.close()  # type: ignore[no-untyped-call]
 
 
 def raw_head(store: Store, account: str) -> dict[str, Any]:
