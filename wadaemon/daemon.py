@@ -1109,6 +1109,7 @@ class Daemon:
         path = self.layout.account_dir(account)
         if path.exists():
             await asyncio.to_thread(shutil.rmtree, path)
+        self.layout.lineage.forget(account)
         self.state.accounts.pop(account, None)
         self._held.discard(account)
         self._pending_records.pop(account, None)  # a late "stopped" must not follow "removed"
