@@ -19,7 +19,9 @@ from firestore_emulator import Emulator
 from tcp_proxy import TcpProxy
 from test_firestore_daemon import firestore_config, head_generation
 
-from wadaemon.keyring import load_keyring
+from wadaemon.backup import BackupEngine
+from wadaemon.keyring import Keyring, load_keyring
+from wadaemon.layout import SessionsLayout
 from wadaemon.replica import Replica
 from wadaemon.store import DirectoryStore
 from wadaemon.store.firestore import FirestoreStore
@@ -260,3 +262,32 @@ def test_retention_keeps_the_head_line_in_the_directory_store(env: Env) -> None:
     after = sorted(p.name for p in (env.backups / "alice").rglob("*") if p.is_file())
     assert after == before
     assert DirectoryStore(env.backups).read_head("alice").generation == 2  # type: ignore[union-attr]
+
+
+def test_a_stop_between_the_head_switch_and_the_lineage_record_is_no_conflict(
+    tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon killed right after its commit switched the head, before it wrote down that
+    its session descends from the new generation: its next backup is still a fast forward."""
+    layout = SessionsLayout(tmp_path / "sessions")
+    layout.prepare()
+    (tmp_path / "backups").mkdir()
+
+    def engine() -> BackupEngine:  # a fresh process: nothing remembered in memory
+        return BackupEngine(layout, Replica(DirectoryStore(tmp_path / "backups"), keyring, 5))
+
+    session = layout.account_dir("alice") / "creds.json"
+    write(session, 1)
+    assert engine().backup("alice").generation == 1
+    write(session, 2)
+
+    def killed(*args: object) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(layout.lineage, "record", killed)
+    with pytest.raises(OSError, match="killed"):
+        engine().backup("alice")
+    monkeypatch.undo()
+    assert DirectoryStore(tmp_path / "backups").read_head("alice").generation == 2  # type: ignore[union-attr]
+    write(session, 3)  # the gateway went on writing
+    assert engine().backup("alice").generation == 3

@@ -210,7 +210,14 @@ class BackupEngine:
             if veto is not None:
                 return veto
             commit = self.replica.commit(
-                snapshot, known[0] if known else None, reupload, parent=descent.generation
+                snapshot,
+                known[0] if known else None,
+                reupload,
+                parent=descent.generation,
+                pending=descent.pending,
+                before_switch=lambda g, d: self.layout.lineage.record_pending(
+                    account, descent, g, d
+                ),
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)

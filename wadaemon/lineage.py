@@ -33,6 +33,16 @@ ADOPTED = -1
 class Descent:
     generation: int | None  # None: unknown; ADOPTED: from before lineage was kept
     inode: int | None  # the account directory's now (None: it does not exist)
+    # (generation, digest) of a commit of this session that was about to switch the head when
+    # the record was written: if the head is that generation, the commit landed (the daemon
+    # stopped before recording it), and the session descends from it
+    pending: tuple[int, str] | None = None
+
+    def parent_for(self, head_generation: int, head_digest: str) -> int | None:
+        """The generation this session descends from, judged against the current head."""
+        if self.pending == (head_generation, head_digest):
+            return head_generation
+        return self.generation
 
     def describe(self) -> str:
         if self.generation is None:
@@ -60,20 +70,35 @@ class Lineage:
         inode = self._inode(account)
         try:
             raw = json.loads(self._path(account).read_bytes())
-            generation, recorded = int(raw["generation"]), int(raw["inode"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            recorded = int(raw["inode"])
+            generation = None if raw["generation"] is None else int(raw["generation"])
+            pending = raw.get("pending")
+            pending = (int(pending[0]), str(pending[1])) if pending else None
+        except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError):
             return Descent(None, inode)
-        return Descent(generation if recorded == inode else None, inode)
+        if recorded != inode:
+            return Descent(None, inode)
+        return Descent(generation, inode, pending)
 
     def record(self, account: str, generation: int, inode: int | None) -> None:
         """The session whose directory had `inode` descends from `generation` now."""
-        if inode is None:
-            return
-        if self.read(account) == Descent(generation, inode):
+        if self.read(account) != Descent(generation, inode):
+            self._write(account, Descent(generation, inode))
+
+    def record_pending(self, account: str, descent: Descent, generation: int, digest: str) -> None:
+        """A commit of the session `descent` describes is about to make `generation` (with
+        `digest`) the head: written before the head is switched, so that a daemon stopped
+        between the switch and `record` still knows its session descends from it."""
+        self._write(account, Descent(descent.generation, descent.inode, (generation, digest)))
+
+    def _write(self, account: str, descent: Descent) -> None:
+        if descent.inode is None:
             return
         self.root.mkdir(mode=0o700, exist_ok=True)
-        body = json.dumps({"generation": generation, "inode": inode}).encode()
-        atomic_write(self._path(account), body)
+        raw: dict[str, object] = {"generation": descent.generation, "inode": descent.inode}
+        if descent.pending is not None:
+            raw["pending"] = list(descent.pending)
+        atomic_write(self._path(account), json.dumps(raw).encode())
 
     def forget(self, account: str) -> None:
         self._path(account).unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -262,12 +262,16 @@ class Replica:
         reupload: Collection[str] = (),
         *,
         parent: int | None,
+        pending: tuple[int, str] | None = None,
+        before_switch: Callable[[int, str], None] | None = None,
     ) -> CommitResult:
         """Commit a snapshot as the account's next generation (or nothing if it equals the head).
 
         `parent` is the generation the local session descends from (lineage.py; None: unknown,
-        ADOPTED: found by the first start of this version). Only a descendant of the current
-        head is committed (a fast forward); anything else raises Conflict and writes nothing.
+        ADOPTED: found by the first start of this version), and `pending` a commit of it that
+        may have landed (Descent.pending). Only a descendant of the current head is committed
+        (a fast forward); anything else raises Conflict and writes nothing. `before_switch`
+        (generation, digest) is called right before the head is switched.
 
         Files the snapshot did not read stand for content already stored: a `reused` file is
         the one the generation `base_generation` holds (it must still be the head, else
@@ -294,6 +298,8 @@ class Replica:
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.pieces}
+            if head is not None:
+                parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
             relation = self._relation(account, head, digest, parent)
             # only pieces of files read now can be uploaded again
             redo = {p for e in copied.values() for p in e.pieces if p in reupload}
@@ -349,6 +355,8 @@ class Replica:
             else:
                 old_history = tuple(sorted((g for g in listed if g < generation), reverse=True))
             history = (generation, *old_history)[: self.keep_generations]
+            if before_switch is not None:
+                before_switch(generation, digest)
             self._switch(
                 account,
                 expected,
@@ -384,7 +392,9 @@ class Replica:
             carried=tuple(sorted(f.path for f in snapshot.files if f.status == "torn")),
         )
 
-    def relation(self, snapshot: Snapshot, parent: int | None) -> tuple[str, Head | None]:
+    def relation(
+        self, snapshot: Snapshot, parent: int | None, pending: tuple[int, str] | None = None
+    ) -> tuple[str, Head | None]:
         """How a local session stands to the account's head, without committing anything:
         new (no active head), same (equal content), ahead (descends from it), behind (unchanged
         since an older generation) or diverged; and the head."""
@@ -396,6 +406,8 @@ class Replica:
             return ("diverged" if head is not None and head.state == "active" else "new"), head
         entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
         digest = self._digest(entries, snapshot)
+        if head is not None:
+            parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
         return self._relation(snapshot.account, head, digest, parent), head
 
     def _relation(self, account: str, head: Head | None, digest: str, parent: int | None) -> str:

@@ -435,13 +435,15 @@ class Restorer:
             return RestoreOutcome(account, "kept", detail=f"{detail}; backup unknown: {exc}")
         if head is None or head.state != "active":
             return RestoreOutcome(account, "kept", detail=f"{detail}; not backed up yet")
-        if descent.generation in (head.generation, ADOPTED):
+        parent = descent.parent_for(head.generation, head.digest)
+        if parent in (head.generation, ADOPTED):
             return RestoreOutcome(account, "kept", detail=detail, backed_up=head.generation)
         staging = self.layout.new_temp_dir("compare", account)
         try:
             relation, head = self.replica.relation(
                 take_snapshot(account, self.layout.account_dir(account), staging),
                 descent.generation,
+                descent.pending,
             )
         except WadaemonError as exc:
             return RestoreOutcome(

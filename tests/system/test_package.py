@@ -673,6 +673,7 @@ def test_upgrade_makes_a_final_backup_and_restarts(release: Release) -> None:
     # a long debounce, so the change below can only be saved by the final backup at stop
     c.run("cp", "-p", CONFIG, "/root/wadaemon.yaml.orig")
     c.sh(f"sed -i 's/^  debounce_seconds: .*/  debounce_seconds: 60/' {CONFIG}")
+    mark = c.cursor()  # from the reload on: a failure shows what the daemon did meanwhile
     c.run("systemctl", "reload", "wadaemon", timeout=60)
     c.run(
         "runuser",
@@ -688,7 +689,6 @@ def test_upgrade_makes_a_final_backup_and_restarts(release: Release) -> None:
     changed = session_facts(c)
     key = c.run("sha256sum", KEY).stdout
     old = c.show("wadaemon", "MainPID")["MainPID"]
-    mark = c.cursor()
     started = time.monotonic()
     r = c.run("apt-get", "install", "--yes", "/tmp/wadaemon-upgrade.deb", timeout=300)
     timed(release, "apt upgrade (stop, unpack, start)", time.monotonic() - started)
