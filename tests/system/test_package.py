@@ -111,6 +111,20 @@ def session_facts(c: Container, account: str = ACCOUNT) -> dict[str, Any]:
     return facts
 
 
+def backups_settled(c: Container) -> bool:
+    """Every account has had a backup attempt, and none is running or pending."""
+    r = c.run("wadaemon", "status", "--json", check=False)
+    if r.returncode != 0:
+        return False
+    accounts = json.loads(r.stdout)["accounts"].values()
+    return all(
+        a["last_backup_result"] is not None
+        and a["backup_running_seconds"] is None
+        and a["pending_since_seconds"] is None
+        for a in accounts
+    )
+
+
 def generations(c: Container, account: str = ACCOUNT) -> dict[str, Any] | None:
     r = c.run("wadaemon", "generations", account, "--json", check=False)
     if r.returncode != 0:
@@ -670,7 +684,9 @@ def test_upgrade_makes_a_final_backup_and_restarts(release: Release) -> None:
         "sed -i 's/^Version: .*/&.1/' /tmp/up/DEBIAN/control && "
         "dpkg-deb -Znone -b /tmp/up /tmp/wadaemon-upgrade.deb >/dev/null"
     )
-    # a long debounce, so the change below can only be saved by the final backup at stop
+    # a long debounce, so the change below can only be saved by the final backup at stop; the
+    # startup pass of the daemon the step before started must be over, or it could take it
+    wait_for(lambda: backups_settled(c), 60, "the daemon's startup backups")
     c.run("cp", "-p", CONFIG, "/root/wadaemon.yaml.orig")
     c.sh(f"sed -i 's/^  debounce_seconds: .*/  debounce_seconds: 60/' {CONFIG}")
     mark = c.cursor()  # from the reload on: a failure shows what the daemon did meanwhile
