@@ -62,6 +62,7 @@ def main() -> int:
         root = Path(tmp)
         sessions, backups, key = root / "sessions", root / "backups", root / "session.key"
         sessions.mkdir()
+        backups.mkdir()  # the directory store never creates its root
         write_new_key(key)
         config = root / "wadaemon.yaml"
         config.write_text(

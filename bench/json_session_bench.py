@@ -366,6 +366,7 @@ def main() -> None:
         engines: list[BackupEngine] = []
 
         def first(i: int) -> tuple[BackupEngine, Callable[[], BackupResult]]:
+            (work / f"store-{i}").mkdir()  # the directory store never creates its root
             engine = BackupEngine(layout, Replica(DirectoryStore(work / f"store-{i}"), keyring, 5))
             engines.append(engine)
             return engine, lambda: engine.backup(ACCOUNT)
