@@ -298,9 +298,7 @@ class Replica:
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.pieces}
-            if head is not None:
-                parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
-            relation = self._relation(account, head, digest, parent)
+            relation = self._relation(account, head, digest, parent, pending)
             # only pieces of files read now can be uploaded again
             redo = {p for e in copied.values() for p in e.pieces if p in reupload}
             if relation == "same" and trusted and head is not None:
@@ -406,13 +404,21 @@ class Replica:
             return ("diverged" if head is not None and head.state == "active" else "new"), head
         entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
         digest = self._digest(entries, snapshot)
-        if head is not None:
-            parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
-        return self._relation(snapshot.account, head, digest, parent), head
+        return self._relation(snapshot.account, head, digest, parent, pending), head
 
-    def _relation(self, account: str, head: Head | None, digest: str, parent: int | None) -> str:
+    def _relation(
+        self,
+        account: str,
+        head: Head | None,
+        digest: str,
+        parent: int | None,
+        pending: tuple[int, str] | None,
+    ) -> str:
+        """How a session with `digest` that descends from `parent` (and perhaps from the
+        `pending` commit of it, see Descent.pending) stands to `head`."""
         if head is None or head.state != "active":
             return "new"
+        parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
         if digest == head.digest:
             return "same"
         if parent in (head.generation, ADOPTED):
