@@ -55,9 +55,10 @@ import yaml
 import wadaemon.backup as backup_module
 import wadaemon.restore as restore_module
 from wadaemon.backup import BackupEngine
+from wadaemon.file_entries import PIECE_SIZE
 from wadaemon.keyring import Keyring, write_new_key
 from wadaemon.layout import SessionsLayout
-from wadaemon.replica import PIECE_SIZE, Replica
+from wadaemon.replica import Replica
 from wadaemon.restore import Restorer
 from wadaemon.socket_client import request
 from wadaemon.store.firestore import SESSIONS, FirestoreStore
@@ -742,6 +743,7 @@ STORE_CALLS = (
     "create_manifest",
     "read_manifest",
     "read_piece",
+    "read_pieces",
     "list_pieces",
     "list_generations",
     "delete_piece",

@@ -51,6 +51,16 @@ ensure_venv() {
 FIRESTORE_EMULATOR_JAR=${FIRESTORE_EMULATOR_JAR:-/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar}
 export FIRESTORE_EMULATOR_JAR
 
+# ensure_test_tools: faketime (libfaketime), which runs one daemon instance with its clock
+# skewed in the lease tests.
+ensure_test_tools() {
+    if ! command -v faketime >/dev/null; then
+        echo "installing faketime (apt-get): the lease tests skew one instance's clock" >&2
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null
+    fi
+}
+
 ensure_firestore_emulator() {
     if ! command -v java >/dev/null; then
         echo "installing default-jre-headless (apt-get): the Firestore emulator runs on Java" >&2

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,6 +91,7 @@ class Env:
         log_level: str = "info",
         restore_timeout: float = 60,
         whatsapp: dict[str, object] | None = None,
+        messages: dict[str, object] | None = None,
         **backup: object,
     ) -> None:
         """Sidecar mode unless `whatsapp` (the whatsapp section's settings) is given."""
@@ -110,6 +112,14 @@ class Env:
             "whatsapp:",
             *(f"  {k}: {v}" for k, v in wa.items()),
         ]
+        if messages:
+            lines.append("messages:")
+            for k, v in messages.items():
+                if isinstance(v, dict):
+                    lines.append(f"  {k}:")
+                    lines.extend(f"    {k2}: {v2}" for k2, v2 in v.items())
+                else:
+                    lines.append(f"  {k}: {v}")
         self.config.write_text("\n".join(lines) + "\n")
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -214,8 +224,13 @@ def daemon_factory(env: Env) -> Iterator[type[DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     class Factory(DaemonProcess):
-        def __init__(self, e: Env = env, extra_env: dict[str, str] | None = None) -> None:
-            super().__init__(e, extra_env)
+        def __init__(
+            self,
+            e: Env = env,
+            extra_env: dict[str, str] | None = None,
+            prefix: tuple[str, ...] = (),
+        ) -> None:
+            super().__init__(e, extra_env, prefix)
             started.append(self)
 
     yield Factory
@@ -232,3 +247,19 @@ def wait_until(predicate: object, timeout: float = 20.0, interval: float = 0.05)
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, daemon_factory: type[DaemonProcess], request: pytest.FixtureRequest
+) -> Iterator[Any]:
+    """Daemons sharing one Firestore emulator, each with its own sessions directory (fleet.py)."""
+    from fleet import Fleet
+
+    emulator = request.getfixturevalue("firestore_emulator")
+    (tmp_path / "fleet").mkdir()
+    f = Fleet(tmp_path / "fleet", emulator, daemon_factory)
+    try:
+        yield f
+    finally:
+        f.close()

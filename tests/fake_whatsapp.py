@@ -7,7 +7,15 @@ files under $FAKE_WHATSAPP_DIR/<account>/:
     inbox/NNN-<Event>.pb   a serialized neonize event (neonize.proto.Neonize_pb2.<Event>) to
                            deliver; whatsmeow's side effects on the database are applied as the
                            real library would (PairStatus SUCCESS stores the device, LoggedOut
-                           deletes it, Message changes session keys)
+                           deletes it, Message changes session keys). The file is removed once
+                           the event callback returned: the server's copy is acknowledged after
+                           the daemon's handler, so a test can tell the daemon's own window
+                           (handler to durable) from the library's (whatsmeow acknowledges
+                           before the handler runs, which no test here can reproduce)
+    send_script            outcomes of the next sends, one per line, consumed in order: ok,
+                           transient, permanent, ambiguous (it reached WhatsApp but the
+                           acknowledgement timed out), hang SECONDS (then ok); none left: ok
+    sent.log               one JSON line per message that reached WhatsApp
     connect_error          if present, run() fails with its text (a refused connect)
     logout_on_connect      if present, the server answers a connect with LoggedOut (a real
                            logout, seen by a client that connects with a dead session)
@@ -15,6 +23,18 @@ files under $FAKE_WHATSAPP_DIR/<account>/:
     ../unreachable         if present, the servers cannot be reached at all (the probe says so)
 
 It writes the real `session.db` (SQLite, the whatsmeow table names) as the client would.
+
+With $FAKE_WHATSAPP_SERVER set (the socket of a fake_server.FakeServer), a paired client also
+holds a connection to that server, as instance $FAKE_WHATSAPP_INSTANCE (default: the host name):
+run() connects and says hello before it reports Connected (a client that is not paired yet does
+so once the pairing succeeds), and fails with ConnectError if the server cannot be reached. A
+message the server pushes has the side effects of an inbox Message and is delivered as one. When
+the server says the stream was replaced, or closes the connection, the client reports
+StreamReplaced and stays disconnected, without reconnecting, until stop(). stop() and a LoggedOut
+leave the server (the server records the connection as "closed").
+
+Run as a script (`python fake_whatsapp.py ACCOUNT DB`), it is one client outside any daemon
+(another host's, in tests): it prints the name of each event it reports; SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -22,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -30,9 +52,14 @@ from typing import Any
 
 from neonize.proto import Neonize_pb2 as pb
 
-from wadaemon.whatsapp.client import ConnectError, EventSink
+from wadaemon.errors import WadaemonError
+from wadaemon.whatsapp.client import ConnectError, EventSink, SendFailed, Sent
 
 FAKE_DIR_ENV = "FAKE_WHATSAPP_DIR"
+SERVER_ENV = "FAKE_WHATSAPP_SERVER"
+INSTANCE_ENV = "FAKE_WHATSAPP_INSTANCE"
+SERVER_TIMEOUT_S = 10.0
+LEAVE_TIMEOUT_S = 2.0
 POLL_S = 0.05
 QR_EVERY_S = 1.0
 LOGOUT_EVENT_DELAY_S = 1.0
@@ -98,6 +125,11 @@ class FakeClient:
         self._connected = False
         self._db: sqlite3.Connection | None = None
         self._qr_task: asyncio.Task[None] | None = None
+        self.server_path = os.environ.get(SERVER_ENV) or None
+        self.instance = os.environ.get(INSTANCE_ENV) or socket.gethostname()
+        self._link: asyncio.StreamWriter | None = None  # the live connection to the server
+        self._listener: asyncio.Task[None] | None = None
+        self._leaving = False
 
     def _log(self, what: str) -> None:
         with open(self.dir / "calls.log", "a") as fh:
@@ -135,6 +167,78 @@ class FakeClient:
                 "INSERT OR REPLACE INTO whatsmeow_sessions VALUES (?, ?)", (chat, os.urandom(200))
             )
 
+    # --- the fake server ($FAKE_WHATSAPP_SERVER) -----------------------------------------------
+
+    async def _join_server(self) -> None:
+        """Connect to the server and say hello; ConnectError if it cannot be done."""
+        assert self.server_path is not None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.server_path), SERVER_TIMEOUT_S
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectError(f"cannot reach the fake server: {exc!r}") from None
+        try:
+            hello = {"hello": {"account": self.account, "instance": self.instance}}
+            writer.write(json.dumps(hello).encode() + b"\n")
+            line = await asyncio.wait_for(reader.readline(), SERVER_TIMEOUT_S)
+            if json.loads(line or b"null") != {"event": "connected"}:
+                raise ValueError(f"answered {line!r}")
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:
+            writer.close()
+            raise ConnectError(f"the fake server refused the hello: {exc!r}") from None
+        self._log(f"server connected as {self.instance}")
+        self._link, self._leaving = writer, False
+        self._listener = asyncio.create_task(self._listen(reader, writer))
+
+    async def _listen(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+                message = json.loads(line) if line else None
+            except (OSError, ValueError):
+                message = None
+            if not isinstance(message, dict) or message.get("event") == "replaced":
+                break  # replaced, or the server closed the connection
+            if message.get("event") == "message":
+                event = complete(
+                    pb.Message(
+                        Info=pb.MessageInfo(
+                            MessageSource=pb.MessageSource(
+                                Chat=pb.JID(
+                                    User=str(message.get("chat") or "someone"),
+                                    Server="s.whatsapp.net",
+                                )
+                            )
+                        )
+                    )
+                )
+                self._log("event Message")
+                self._apply(event)
+                self.sink(event)
+        writer.close()
+        if self._leaving or self._link is not writer:
+            return  # the client itself left
+        # whatsmeow reports the replaced stream and does not reconnect
+        self._link, self._connected = None, False
+        self._log("event StreamReplaced")
+        self.sink(complete(pb.StreamReplaced()))
+
+    async def _leave_server(self) -> None:
+        """Close the connection: EOF to the server, which closes its side (interval "closed")."""
+        writer, self._link = self._link, None
+        listener, self._listener = self._listener, None
+        if writer is None:
+            return
+        self._leaving = True
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+        if listener is not None:
+            await asyncio.wait({listener}, timeout=LEAVE_TIMEOUT_S)
+            listener.cancel()
+        writer.close()
+        self._log("server left")
+
     # --- WhatsAppClient ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -143,9 +247,16 @@ class FakeClient:
         if error.exists():
             raise ConnectError(error.read_text().strip() or "refused")
         self._stop = asyncio.Event()
+        paired = self._device() is not None
+        if paired and self.server_path and not (self.dir / "logout_on_connect").exists():
+            try:
+                await self._join_server()
+            except ConnectError:
+                self._close_db()
+                raise
         tasks = [asyncio.create_task(self._deliver())]
         self._qr_task = None
-        if self._device() is None:
+        if not paired:
             self._qr_task = asyncio.create_task(self._show_qr_codes())
             tasks.append(self._qr_task)
         else:
@@ -155,11 +266,16 @@ class FakeClient:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # no join left half done
+            await self._leave_server()
             self._connected = False
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            self._close_db()
             self._log("stopped")
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     async def _connect_soon(self) -> None:
         await asyncio.sleep(0.1)
@@ -170,6 +286,8 @@ class FakeClient:
             )
             self._open().execute("DELETE FROM whatsmeow_device")
             return
+        if self.server_path and self._link is None:
+            return  # replaced before it got this far
         self._connected = True
         self.sink(pb.Connected(status=True))
 
@@ -183,7 +301,6 @@ class FakeClient:
             for path in sorted(self.inbox.glob("*.pb")):
                 kind = path.stem.rsplit("-", 1)[1]
                 event = getattr(pb, kind).FromString(path.read_bytes())
-                path.unlink()
                 self._log(f"event {kind}")
                 self._apply(event)
                 if kind == "PairStatus" and self._qr_task is not None:
@@ -194,9 +311,17 @@ class FakeClient:
                     # the event reaches the daemon later, after the change on disk
                     self._connected = False
                     self._open().execute("DELETE FROM whatsmeow_device")
+                    await self._leave_server()  # the server ends a logged-out session
                     await asyncio.sleep(LOGOUT_EVENT_DELAY_S)
                 self.sink(event)
+                path.unlink()  # acknowledged
                 if kind == "PairStatus" and event.Status == pb.PairStatus.SUCCESS:
+                    if self.server_path is not None:
+                        try:
+                            await self._join_server()  # the new session connects
+                        except ConnectError as exc:
+                            self._log(f"server connect failed: {exc}")
+                            continue
                     self.sink(pb.Connected(status=True))
                     self._connected = True
             await asyncio.sleep(POLL_S)
@@ -221,3 +346,94 @@ class FakeClient:
 
     async def is_connected(self) -> bool:
         return self._connected
+
+    def _next_outcome(self) -> str:
+        script = self.dir / "send_script"
+        try:
+            lines = script.read_text().splitlines()
+        except FileNotFoundError:
+            return "ok"
+        if not lines:
+            return "ok"
+        tmp = script.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines[1:]))
+        tmp.rename(script)
+        return lines[0].strip()
+
+    async def download(self, message: Any) -> bytes:
+        """The media's bytes: its caption (or file name) repeated to its stated size."""
+        for field in ("imageMessage", "videoMessage", "audioMessage", "documentMessage"):
+            if message.HasField(field):
+                media = getattr(message, field)
+                seed = (getattr(media, "caption", "") or "media").encode() or b"media"
+                return (seed * (media.fileLength // len(seed) + 1))[: media.fileLength]
+        raise WadaemonError("no media in this message")
+
+    async def send_text(self, to: str, text: str, reply_to: str = "") -> Sent:
+        if not self._connected:
+            raise SendFailed("websocket not connected", "transient")
+        if "@" not in to and not to.isdigit():
+            raise SendFailed(f"invalid phone number {to!r}", "permanent")
+        if to.startswith("000"):
+            raise SendFailed(f"{to} is not on WhatsApp", "permanent")
+        outcome = self._next_outcome()
+        if outcome.startswith("hang"):
+            await asyncio.sleep(float(outcome.split()[1]))
+            outcome = "ok"
+        if outcome == "transient":
+            raise SendFailed("server returned error 500", "transient")
+        if outcome == "permanent":
+            raise SendFailed("server returned error 479", "permanent")
+        chat = to if "@" in to else f"{to}@s.whatsapp.net"
+        sent = Sent(f"3EB0{os.urandom(8).hex().upper()}", time.time(), chat)
+        with open(self.dir / "sent.log", "a") as fh:
+            fh.write(
+                json.dumps(
+                    {
+                        "to": chat,
+                        "text": text,
+                        "reply_to": reply_to,
+                        "id": sent.id,
+                        "at": time.time(),
+                    }
+                )
+            )
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if outcome == "ambiguous":
+            raise SendFailed("context deadline exceeded", "ambiguous")
+        return sent
+
+
+def sent_messages(fake_dir: Path, account: str) -> list[dict[str, Any]]:
+    path = fake_dir / account / "sent.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str]) -> int:
+    """One client outside any daemon: `fake_whatsapp.py ACCOUNT DB`; prints each event's name."""
+    import signal
+
+    account, db = argv
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        client = FakeClient(account, Path(db), lambda e: print(type(e).__name__, flush=True))
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(client.stop()))
+        await client.run()
+
+    try:
+        asyncio.run(run())
+    except ConnectError as exc:
+        print(f"ConnectError {exc}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -137,7 +137,7 @@ def test_verify_interval_is_validated(tmp_path: Path) -> None:
 
 
 def test_drills_are_spread_over_the_interval() -> None:
-    from wadaemon.daemon import drill_offset, next_drill_at
+    from wadaemon.drills import drill_offset, next_drill_at
 
     offsets = [drill_offset(f"account{i}") for i in range(200)]
     assert all(0 <= o < 1 for o in offsets)

@@ -13,6 +13,9 @@ from conftest import Env, make_db, read_ids, run_sql
 
 from wadaemon.errors import DecryptError
 from wadaemon.keyring import write_new_key
+from wadaemon.layout import SessionsLayout
+from wadaemon.lineage import ADOPTED
+from wadaemon.restore import Restorer
 
 GEN_DIR = "generations"
 
@@ -263,3 +266,57 @@ def test_root_running_the_cli_becomes_the_owner_of_the_data(env: Env) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert (env.sessions / "made-by-cli").stat().st_uid == owner
     shutil.rmtree(public)
+
+
+def takeover_setup(env: Env, tmp: Path) -> tuple[Path, Path]:
+    """Host A backed up generations 1 and 2 of alice; host B has its own copy of generation 1.
+    Returns (A's database, B's sessions directory)."""
+    db = env.sessions / "alice" / "session.db"
+    make_db(db, rows=20)
+    env.cli("backup", "alice", check=True)
+    other = tmp / "b-sessions"
+    shutil.copytree(env.sessions, other, ignore=shutil.ignore_patterns(".lock", ".tmp"))
+    run_sql(db, "INSERT INTO t (v) VALUES (x'01')")
+    env.cli("backup", "alice", check=True)
+    assert env.head_generation("alice") == 2
+    return db, other
+
+
+def b_restorer(env: Env, other: Path) -> tuple[Restorer, SessionsLayout]:
+    layout = SessionsLayout(other)
+    layout.prepare()
+    return Restorer(layout, env.replica()), layout
+
+
+def test_a_takeover_restores_the_head_over_a_copy_that_changed_after_an_older_generation(
+    env: Env, tmp_path: Path
+) -> None:
+    # B drove alice once, from generation 1, and changed it without backing that up; A has
+    # driven it since: B takes it over again
+    _, other = takeover_setup(env, tmp_path)
+    restorer, layout = b_restorer(env, other)
+    layout.lineage.record("alice", 1, (other / "alice").stat().st_ino)
+    run_sql(other / "alice" / "session.db", "INSERT INTO t (v) VALUES (x'0b')")
+    # a single host calls it a conflict and touches nothing...
+    assert restorer.restore_account("alice").status == "conflict"
+    # ...taking the lease over, the head is the truth: the stale copy goes to quarantine
+    outcome = restorer.restore_account("alice", takeover=True)
+    assert outcome.status == "restored" and outcome.generation == 2
+    assert read_ids(other / "alice" / "session.db") == list(range(1, 22))
+    (kept,) = (other / ".quarantine").iterdir()
+    assert "stale" in kept.name and read_ids(kept / "session.db") == list(range(1, 22))
+
+
+def test_a_takeover_trusts_no_adopted_copy_but_keeps_one_that_descends_from_the_head(
+    env: Env, tmp_path: Path
+) -> None:
+    _, other = takeover_setup(env, tmp_path)
+    restorer, layout = b_restorer(env, other)
+    layout.lineage.record("alice", ADOPTED, (other / "alice").stat().st_ino)
+    outcome = restorer.restore_account("alice", takeover=True)
+    assert outcome.status == "restored" and outcome.generation == 2  # adopted proves nothing
+    # now B's copy descends from generation 2 and changes on top of it: kept as it is
+    run_sql(other / "alice" / "session.db", "INSERT INTO t (v) VALUES (x'0c')")
+    outcome = restorer.restore_account("alice", takeover=True)
+    assert outcome.status == "kept"
+    assert read_ids(other / "alice" / "session.db") == list(range(1, 23))

@@ -7,19 +7,35 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wadaemon.errors import WadaemonError
+from wadaemon.file_entries import PIECE_SIZE
 from wadaemon.layout import SessionsLayout, has_files
 from wadaemon.replica import CommitResult, Replica, StaleSnapshot
-from wadaemon.snapshot import Snapshot, StatKey, take_snapshot
+from wadaemon.snapshot import Snapshot, StatKey, WalPosition, take_snapshot
 
 # A fingerprint newer than this may miss a later change with the same mtime (timestamps are
 # coarse), so it is not trusted, as git does with "racily clean" entries.
 RACY_NS = 2_000_000_000
 
 Fingerprint = tuple[tuple[str, int, int, int, int, int, int], ...]
+# A database captured by what changed is not checked with integrity_check (that reads all of
+# it); when it changes and its last checked capture is older than this, it is read whole and
+# checked again (retention keeps the newest checked generation: Replica.commit).
+FULL_CHECK_EVERY_S = 600.0
+
+
+@dataclass(frozen=True)
+class Known:
+    """What a committed generation holds, so that the next capture reads only what changed."""
+
+    generation: int
+    # files whose stored content stands for them while their stat key is unchanged
+    stats: dict[str, StatKey] = field(default_factory=dict)
+    # databases by the WAL position their stored content was read at, and size in pages
+    since: dict[str, tuple[WalPosition, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,9 +114,11 @@ class BackupEngine:
         # account -> (fingerprint when `refuse` vetoed its snapshot, why): the snapshot's own
         # reads touch -wal/-shm, so without this a vetoed account would be snapshotted forever
         self._vetoed: dict[str, tuple[Fingerprint, str]] = {}
-        # account -> (generation, {path: stat key}): files whose stored content in that
-        # generation stands for them while their stat key is unchanged
-        self._known: dict[str, tuple[int, dict[str, StatKey]]] = {}
+        # account -> what its last committed generation holds, by which later captures read
+        # only what changed
+        self._known: dict[str, Known] = {}
+        # account -> when a capture last read every database whole and checked it
+        self._checked_at: dict[str, float] = {}
         # account -> the entries skipped (not regular files) last reported: said once per change
         self._skipped: dict[str, frozenset[tuple[str, str]]] = {}
 
@@ -147,6 +165,8 @@ class BackupEngine:
         if not force and vetoed is not None and vetoed[0] == before:
             return BackupResult(account, "skipped", time.monotonic() - started, detail=vetoed[1])
         known = None if force else self._known.get(account)
+        if known is not None and self._full_check_due(account):
+            known = Known(known.generation, known.stats)  # every database read whole
         try:
             outcome = self._snapshot_and_commit(account, source, known, refuse, reupload)
         except StaleSnapshot:
@@ -185,15 +205,19 @@ class BackupEngine:
             commit,
             generation=commit.generation,
             warnings=warnings,
-            files_read=sum(1 for f in snapshot.files if f.status == "copied"),
+            files_read=sum(1 for f in snapshot.files if f.status in ("copied", "delta")),
             notices=notices,
         )
+
+    def _full_check_due(self, account: str) -> bool:
+        checked = self._checked_at.get(account)
+        return checked is None or time.monotonic() - checked > FULL_CHECK_EVERY_S
 
     def _snapshot_and_commit(
         self,
         account: str,
         source: Path,
-        known: tuple[int, dict[str, StatKey]] | None,
+        known: Known | None,
         refuse: Callable[[Snapshot], str | None] | None,
         reupload: Collection[str] = (),
     ) -> tuple[Snapshot, CommitResult] | str:
@@ -203,7 +227,14 @@ class BackupEngine:
         descent = self.layout.lineage.read(account)  # before the snapshot: its directory's
         try:
             started_ns = time.time_ns()
-            snapshot = take_snapshot(account, source, staging, known[1] if known else None)
+            snapshot = take_snapshot(
+                account,
+                source,
+                staging,
+                known.stats if known else None,
+                known.since if known else None,
+                PIECE_SIZE,
+            )
             if not snapshot.files:
                 return "no files to back up"
             veto = refuse(snapshot) if refuse is not None else None
@@ -211,7 +242,7 @@ class BackupEngine:
                 return veto
             commit = self.replica.commit(
                 snapshot,
-                known[0] if known else None,
+                known.generation if known else None,
                 reupload,
                 parent=descent.generation,
                 pending=descent.pending,
@@ -224,12 +255,17 @@ class BackupEngine:
         self.layout.lineage.record(account, commit.generation, descent.inode)
         # Stat keys that may stand for their file's content next time: not for a file modified
         # so shortly before it was read that a later write could keep the same stat (racy).
-        previous = known[1] if known else {}
+        previous = known.stats if known else {}
         stats: dict[str, StatKey] = {}
+        since: dict[str, tuple[WalPosition, int]] = {}
         for f in snapshot.files:
             if f.status == "reused":
                 stats[f.path] = previous[f.path]
             elif f.status == "copied" and f.stat is not None and f.stat[1] < started_ns - RACY_NS:
                 stats[f.path] = f.stat
-        self._known[account] = (commit.generation, stats)
+            if f.wal is not None:  # the position this generation's copy of it was read at
+                since[f.path] = (f.wal, f.pages)
+        self._known[account] = Known(commit.generation, stats, since)
+        if all(f.checked for f in snapshot.files):
+            self._checked_at[account] = time.monotonic()
         return snapshot, commit

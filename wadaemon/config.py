@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ FIRESTORE_CREDENTIAL_NAME = "firestore-credentials"  # systemd credential ($CRED
 _PROJECT_RE = re.compile(r"^([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _DATABASE_RE = re.compile(r"^(\(default\)|[a-z][a-z0-9-]{2,61}[a-z0-9])$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,45 @@ class WhatsAppConfig:
 
 
 @dataclass(frozen=True)
+class InstanceConfig:
+    id: str  # this instance's name among those sharing one Firestore project
+    max_accounts: int = 0  # the most accounts it drives; 0: its fair share, no other cap
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    ttl_seconds: float = 30.0
+    renew_seconds: float = 10.0
+
+
+def default_instance_id() -> str:
+    """The host name, as an instance id (characters an id may not hold become '-')."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].lstrip("._-")
+    return name or "wadaemon"
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str = ""  # "" : no webhook
+    secret_file: Path | None = None  # the HMAC-SHA256 key (its bytes, stripped)
+    max_attempts: int = 20  # then the event is dropped from the queue, logged and counted
+    timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class MessagesConfig:
+    enabled: bool = True
+    path: Path = Path("/var/lib/wadaemon/messages")  # the local queue (and the embedded store)
+    queue_max_mb: int = 512  # the local queue's size bound
+    download_media: bool = False
+    media_max_mb: int = 1024  # the media directory's size cap
+    send_gap_seconds: float = 3.0  # the least time between two sends of one account
+    per_recipient_per_hour: int = 20  # the most sends to one recipient in an hour
+    send_attempts: int = 8  # transient failures retried this many times, then failed
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     sessions_path: Path
@@ -92,6 +133,9 @@ class Config:
     restore: RestoreConfig
     whatsapp: WhatsAppConfig
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    instance: InstanceConfig = field(default_factory=lambda: InstanceConfig(default_instance_id()))
+    leases: LeaseConfig = field(default_factory=LeaseConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     lines: Mapping[tuple[str, ...], int] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, *key: str) -> str:
@@ -135,6 +179,30 @@ SCHEMA: Schema = {
     },
     "verify": {
         "interval_hours": ("hours>=0", 24.0),
+    },
+    "instance": {
+        "id": ("str", ""),
+        "max_accounts": ("int>=0", 0),
+    },
+    "leases": {
+        "ttl_seconds": ("float>0", 30.0),
+        "renew_seconds": ("float>0", 10.0),
+    },
+    "messages": {
+        "enabled": ("bool", True),
+        "path": ("path?", ""),
+        "queue_max_mb": ("int>=1", 512),
+        "download_media": ("bool", False),
+        "media_max_mb": ("int>=1", 1024),
+        "send_gap_seconds": ("float>=0", 3.0),
+        "per_recipient_per_hour": ("int>=1", 20),
+        "send_attempts": ("int>=1", 8),
+        "webhook": {
+            "url": ("str", ""),
+            "secret_file": ("path?", ""),
+            "max_attempts": ("int>=1", 20),
+            "timeout_seconds": ("float>0", 10.0),
+        },
     },
     "whatsapp": {
         "enabled": ("bool", True),
@@ -211,6 +279,8 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
         values["whatsapp"],
         values["verify"],
     )
+    inst, lease, msg = values["instance"], values["leases"], values["messages"]
+    hook = msg["webhook"]
     config = Config(
         path=path,
         sessions_path=p(sessions),
@@ -247,6 +317,29 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
             health_check_seconds=float(wa["health_check_seconds"]),
         ),
         verify=VerifyConfig(interval_hours=float(ver["interval_hours"])),
+        instance=InstanceConfig(
+            id=inst["id"] or default_instance_id(), max_accounts=int(inst["max_accounts"])
+        ),
+        leases=LeaseConfig(
+            ttl_seconds=float(lease["ttl_seconds"]), renew_seconds=float(lease["renew_seconds"])
+        ),
+        messages=MessagesConfig(
+            enabled=msg["enabled"],
+            # beside the sessions directory, in the daemon's state directory
+            path=p(msg["path"]) if msg["path"] else p(sessions).parent / "messages",
+            queue_max_mb=int(msg["queue_max_mb"]),
+            download_media=msg["download_media"],
+            media_max_mb=int(msg["media_max_mb"]),
+            send_gap_seconds=float(msg["send_gap_seconds"]),
+            per_recipient_per_hour=int(msg["per_recipient_per_hour"]),
+            send_attempts=int(msg["send_attempts"]),
+            webhook=WebhookConfig(
+                url=hook["url"],
+                secret_file=p(hook["secret_file"]) if hook["secret_file"] else None,
+                max_attempts=int(hook["max_attempts"]),
+                timeout_seconds=float(hook["timeout_seconds"]),
+            ),
+        ),
         lines=lines,
     )
     _check_consistency(config, src, environ)
@@ -256,6 +349,39 @@ def parse_config(text: str, path: Path, environ: Mapping[str, str]) -> Config:
 def _check_consistency(config: Config, src: _Source, environ: Mapping[str, str]) -> None:
     if config.backup.target == "firestore":
         _check_firestore(config.firestore, src, environ)
+    if not _INSTANCE_RE.match(config.instance.id):
+        raise ConfigError(
+            f"{src.where(('instance', 'id'))}: {config.instance.id!r} is not an instance id; use "
+            "1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit (such as "
+            "the host name), and a different one on every host that shares the backups."
+        )
+    messages, sessions = config.messages.path, config.sessions_path
+    if messages == sessions or sessions in messages.parents or messages in sessions.parents:
+        raise ConfigError(
+            f"{src.where(('messages', 'path'))}: {messages} overlaps sessions_path {sessions}; "
+            "keep the messages beside the sessions, not among them (the default is "
+            f"{sessions.parent / 'messages'})."
+        )
+    hook = config.messages.webhook
+    if hook.url and not hook.url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{src.where(('messages', 'webhook', 'url'))}: {hook.url!r} is not an http:// or "
+            "https:// URL; give the receiver's full URL, or remove the key for no webhook."
+        )
+    if hook.url and hook.secret_file is None:
+        raise ConfigError(
+            f"{src.where(('messages', 'webhook', 'url'))}: a webhook needs "
+            "messages.webhook.secret_file (the key its deliveries are signed with, so the "
+            "receiver can tell them from forgeries); create one with "
+            "`head -c 32 /dev/urandom | xxd -p -c 64 > FILE; chmod 600 FILE`."
+        )
+    leases = config.leases
+    if leases.renew_seconds * 2 > leases.ttl_seconds:
+        raise ConfigError(
+            f"{src.where(('leases', 'renew_seconds'))}: {leases.renew_seconds:g} s is more than "
+            f"half of leases.ttl_seconds ({leases.ttl_seconds:g} s), so one late renewal would "
+            "lose a lease; renew at most every ttl/2 seconds (the default is ttl/3: 10 of 30)."
+        )
     sessions = config.sessions_path
     if config.backup.target == "directory":
         backups = config.backup.directory.resolve()
@@ -455,8 +581,9 @@ def _check_bool(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> b
 
 
 def _check_int(value: Any, kind: str, full: tuple[str, ...], src: _Source) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(full, src, "a whole number of at least 1", value)
+    low = int(kind.split(">=", 1)[1])
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _fail(full, src, f"a whole number of at least {low}", value)
     return value
 
 
@@ -490,6 +617,7 @@ _CHECKS: dict[str, Callable[[Any, str, tuple[str, ...], _Source], Any]] = {
     "str": _check_str,
     "bool": _check_bool,
     "int>=1": _check_int,
+    "int>=0": _check_int,
     "float>0": _check_float,
     "float>=0": _check_float,
     "hours>=0": _check_hours,

@@ -12,6 +12,7 @@
                                    when the phone accepted (the backup runs), then "paired" or
                                    "failed".
     DELETE /accounts/{id}          same; logs out, deletes the backups and the local session
+    messages, the outbox, the event stream: see message_routes
 The socket file is created under a temporary name, given mode 0660, then renamed into place, so
 it is never reachable with looser permissions. A stale socket left by a crash is replaced; a live
 one (another daemon) is not.
@@ -30,13 +31,16 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
 from wadaemon.errors import WadaemonError
 from wadaemon.layout import InvalidAccountId, validate_account_id
 from wadaemon.whatsapp.pairing import Pairing
+
+if TYPE_CHECKING:
+    from wadaemon.messaging import Messaging
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,16 @@ class ControlApi(Protocol):
 
     async def inject_fault(self, part: str, seconds: float) -> dict[str, Any]: ...
 
-    def pair(self, account: str, phone: str | None) -> Pairing: ...
+    async def pair(self, account: str, phone: str | None) -> Pairing: ...
 
     async def remove(self, account: str) -> dict[str, Any]: ...
 
     async def resolve(self, account: str, keep: str) -> dict[str, Any]: ...
+
+    async def move(self, account: str, to: str) -> dict[str, Any]: ...
+
+    @property
+    def messaging(self) -> Messaging | None: ...
 
 
 class ApiError(Exception):
@@ -140,6 +149,16 @@ def _phone(raw: str) -> str:
     return digits
 
 
+def _number(raw: str, name: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number, not {raw!r}") from None
+    if value < 0 or value != value:
+        raise ApiError(400, f"{name} must be zero or more")
+    return value
+
+
 def _json(status: int, body: Any) -> web.Response:
     return web.Response(
         status=status, text=json.dumps(body, indent=2) + "\n", content_type="application/json"
@@ -167,6 +186,10 @@ class ControlServer:
         app.router.add_post("/accounts/{account}/pair", self._privileged(self._pair))
         app.router.add_delete("/accounts/{account}", self._privileged(self._remove))
         app.router.add_post("/accounts/{account}/resolve", self._privileged(self._resolve))
+        app.router.add_post("/accounts/{account}/move", self._privileged(self._move))
+        from wadaemon.message_routes import MessageRoutes
+
+        MessageRoutes(self.api, self._account).add_to(app.router, self._privileged)
         if self.faults:
             app.router.add_post("/debug/hang/{part}", self._privileged(self._hang))
         return app
@@ -237,7 +260,7 @@ class ControlServer:
         if "phone" in request.query:
             phone = _phone(request.query["phone"])
         try:
-            pairing = self.api.pair(account, phone)
+            pairing = await self.api.pair(account, phone)
         except WadaemonError as exc:
             raise ApiError(409, str(exc)) from None
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -265,6 +288,14 @@ class ControlServer:
             raise ApiError(400, "say which side to keep: ?keep=backup or ?keep=local")
         try:
             return _json(200, await self.api.resolve(account, keep))
+        except WadaemonError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    async def _move(self, request: web.Request) -> web.Response:
+        account = self._account(request)
+        to = request.query.get("to", "")
+        try:
+            return _json(200, await self.api.move(account, to))
         except WadaemonError as exc:
             raise ApiError(409, str(exc)) from None
 

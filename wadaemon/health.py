@@ -83,6 +83,7 @@ def report(
     keys: Check | None = None,
     heads: Check | None = None,
     drills: Check | None = None,
+    messages: Check | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) for GET /health. `keys` (see key_watch), `heads` and `drills`
     (see heads_check, drills_check): absent without a backup target."""
@@ -101,11 +102,23 @@ def report(
         checks["store"] = Check(
             "degraded", f"{store.target} unreachable{since}: {store.last_error}"
         )
-    for name, check in (("keys", keys), ("heads", heads), ("drills", drills)):
+    for name, check in (
+        ("keys", keys),
+        ("heads", heads),
+        ("drills", drills),
+        ("messages", messages),
+    ):
         if check is not None:
             checks[name] = check
     checks["accounts"] = _accounts_check(state)
-    clients = [a for a in state.accounts.values() if a.client]
+    if state.leased:
+        passive = sum(1 for a in state.accounts.values() if a.state == "passive")
+        checks["leases"] = Check(
+            "ok",
+            f"instance {state.instance}: {len(state.accounts) - passive} accounts driven here, "
+            f"{passive} passive (held by other instances)",
+        )
+    clients = [a for a in state.accounts.values() if a.client and a.state != "passive"]
     if clients:
         attention = sorted(
             f"{a.account} ({a.client.replace('_', ' ')})"
@@ -149,10 +162,13 @@ def report(
             else None,
             "whatsapp": _client(a, now) if a.client else None,
         }
+        if state.leased:
+            accounts[a.account]["holder"] = a.holder or None
     body: dict[str, Any] = {
         "status": overall,
         "phase": state.phase,
         "version": state.version,
+        **({"instance": state.instance} if state.instance else {}),
         "uptime_seconds": round(now - state.started_at, 3),
         "checks": {name: c.as_dict() for name, c in checks.items()},
         "accounts_by_state": dict(Counter(a.state for a in state.accounts.values())),
@@ -246,8 +262,17 @@ def status_line(state: DaemonState) -> str:
     """The one-line STATUS for `systemctl status`."""
     now = time.time()
     n = len(state.accounts)
-    counts = Counter(a.client or a.state for a in state.accounts.values())
-    parts = ", ".join(f"{c} {s.replace('_', ' ')}" for s, c in sorted(counts.items()))
+    if state.leased:
+        passive = sum(1 for a in state.accounts.values() if a.state == "passive")
+        driven = Counter(
+            a.client or a.state for a in state.accounts.values() if a.state != "passive"
+        )
+        detail = ", ".join(f"{c} {s.replace('_', ' ')}" for s, c in sorted(driven.items()))
+        parts = f"{n - passive} driven here" + (f" ({detail})" if detail else "")
+        parts += f", {passive} passive"
+    else:
+        counts = Counter(a.client or a.state for a in state.accounts.values())
+        parts = ", ".join(f"{c} {s.replace('_', ' ')}" for s, c in sorted(counts.items()))
     line = f"{n} account{'s' if n != 1 else ''}" + (f": {parts}" if parts else "")
     last = state.last_backup_at()
     if state.store.target != "none":

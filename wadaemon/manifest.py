@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from wadaemon.errors import IntegrityError
 
 FORMAT_VERSION = 1
+# format 2: files with no whole-file SHA-256 (sha256 ""), whose content is fixed by their pieces'
+# ids alone (keyed hashes, each checked when the piece is read); written only by generations
+# that hold such a file, so that older versions still read every other generation
+PIECES_ONLY_FORMAT = 2
+READABLE_FORMATS = (FORMAT_VERSION, PIECES_ONLY_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,14 @@ class FileEntry:
     # SHA-256 of the content with SQLite's volatile header fields masked (what decides whether
     # anything changed); "" in older generations, where sha256 stands for it except for SQLite
     content_sha: str = ""
+    # whether the content passed PRAGMA integrity_check when it was captured (SQLite databases
+    # captured by what changed are not checked: see docs/performance.md); True in older
+    # generations, which checked every database
+    checked: bool = True
+    piece_size: int = 0  # bytes per piece but the last; 0 in older generations (64 KiB)
+    # SQLite: the keyed hash of the first piece with its volatile header fields masked (part of
+    # content_sha, kept so that a capture that did not read the first piece again can reuse it)
+    first_masked: str = ""
 
     def same_content_sha(self) -> str:
         return self.content_sha or ("" if self.kind == "sqlite" else self.sha256)
@@ -57,17 +70,28 @@ class Manifest:
     def size(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def checked(self) -> bool:
+        """Every database in it passed integrity_check when it was captured."""
+        return all(f.checked for f in self.files)
+
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        # by hand: dataclasses.asdict deep-copies every field (a few ms per generation)
+        raw: dict[str, Any] = dict(vars(self))
+        raw["files"] = [vars(f) for f in self.files]
+        raw["dirs"] = [vars(d) for d in self.dirs]
+        if any(not f.sha256 for f in self.files):
+            raw["format"] = PIECES_ONLY_FORMAT
+        return json.dumps(raw, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, account: str, generation: int) -> Manifest:
         try:
             raw: dict[str, Any] = json.loads(data)
-            if raw.get("format") != FORMAT_VERSION:
+            if raw.get("format") not in READABLE_FORMATS:
                 raise IntegrityError(
                     f"manifest format {raw.get('format')!r} is not supported by this version "
-                    f"(it reads format {FORMAT_VERSION}); upgrade wadaemon"
+                    f"(it reads formats {READABLE_FORMATS}); upgrade wadaemon"
                 )
             files = tuple(
                 FileEntry(
@@ -80,6 +104,9 @@ class Manifest:
                     uid=_opt_int(f.get("uid")),
                     gid=_opt_int(f.get("gid")),
                     content_sha=str(f.get("content_sha", "")),
+                    checked=bool(f.get("checked", True)),
+                    piece_size=int(f.get("piece_size", 0)),
+                    first_masked=str(f.get("first_masked", "")),
                 )
                 for f in raw["files"]
             )

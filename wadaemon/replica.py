@@ -29,13 +29,19 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NoReturn
 
 from wadaemon.errors import DecryptError, IntegrityError, WadaemonError
+from wadaemon.file_entries import (
+    BaseMismatch,
+    copied_entry,
+    delta_entry,
+    read_pieces,
+)
 from wadaemon.file_kinds import OTHER, kind_of
 from wadaemon.keyring import Keyring, blob_key_id
 from wadaemon.lineage import ADOPTED, Descent
@@ -45,14 +51,10 @@ from wadaemon.store.base import Head, NotFound, Store, StoreError, StoreUnavaila
 
 log = logging.getLogger(__name__)
 
-# A multiple of every SQLite page size (512 B to 64 KiB), so pieces are page-aligned. Smaller
-# pieces upload less per change (a one-row change touches 1-5 pages); larger ones mean fewer
-# documents per full backup.
-PIECE_SIZE = 64 * 1024
 FULL_GC_EVERY_S = 24 * 3600.0
-# SQLite header fields that differ between two copies of the same content (file change counter,
-# schema cookie, version-valid-for): masked when deciding whether anything changed.
-_SQLITE_VOLATILE = ((24, 28), (40, 44), (92, 96))
+# pieces asked of the store in one call when a file is read back (a restore): with pieces of at
+# most 64 KiB, about 3 MiB sealed plus its plaintext is all a read holds at once
+READ_BATCH = 48
 
 
 def _now() -> str:
@@ -69,17 +71,6 @@ def piece_context(account: str) -> bytes:
 
 def manifest_context(account: str, generation: int) -> bytes:
     return b"wadaemon/manifest\0" + account.encode() + b"\0" + str(generation).encode()
-
-
-def _content_sha(kind: str, data: bytes) -> str:
-    if kind != "sqlite" or len(data) < 100:
-        return hashlib.sha256(data).hexdigest()
-    head = bytearray(data[:100])
-    for start, end in _SQLITE_VOLATILE:
-        head[start:end] = bytes(end - start)
-    h = hashlib.sha256(head)
-    h.update(memoryview(data)[100:])
-    return h.hexdigest()
 
 
 class StaleSnapshot(WadaemonError):
@@ -172,12 +163,16 @@ class Replica:
         self._pieces_of: dict[tuple[str, int], frozenset[str]] = {}  # manifests read or written
         # account -> (generation, its files by path): the last generation committed or read
         self._entries_of: dict[str, tuple[int, dict[str, FileEntry]]] = {}
+        self._checked_of: dict[tuple[str, int], bool] = {}  # (account, generation) -> checked
         self._last_full_gc: dict[str, float] = {}  # account -> time.monotonic()
         self._authenticated: set[str] = set()  # accounts whose authenticated head we saw
         self._no_mac_logged: set[str] = set()
         # account -> why its head does not authenticate, while it does not (the daemon's
         # `heads` check); written from worker threads, read by the event loop
         self.head_problems: dict[str, str] = {}
+        # account -> the lease token this instance holds for it (None: no lease); every head
+        # switch carries it, and a store that keeps leases refuses a lower one (Fenced)
+        self.fence: Callable[[str], int | None] = lambda account: None
 
     # --- the head -----------------------------------------------------------------------------
 
@@ -247,8 +242,9 @@ class Replica:
         return dataclasses.replace(head, mac=key.head_mac(head.mac_input(account)))
 
     def _switch(self, account: str, expected: int | None, head: Head) -> Head:
-        signed = self._sign(account, head)
-        self.store.switch_head(account, expected, signed)
+        token = self.fence(account)
+        signed = self._sign(account, dataclasses.replace(head, token=token))
+        self.store.switch_head(account, expected, signed, token)
         self._authenticated.add(account)
         self.head_problems.pop(account, None)
         return signed
@@ -294,15 +290,17 @@ class Replica:
             # trusted for its generation number only: the new history comes from the listing
             listed = [] if trusted else self.store.list_generations(account)
             carried = self._carried(snapshot, head, base_generation)
+            copied.update(self._delta_entries(snapshot, head, base_generation))
             entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.pieces}
             relation = self._relation(account, head, digest, parent, pending)
-            # only pieces of files read now can be uploaded again
-            redo = {p for e in copied.values() for p in e.pieces if p in reupload}
+            # only pieces read now can be uploaded again
+            fresh = self._fresh_ids(snapshot, copied)
+            redo = fresh & set(reupload)
             if relation == "same" and trusted and head is not None:
-                uploaded = self._upload(snapshot.root, account, list(copied.values()), redo)
+                uploaded = self._upload(snapshot, copied, redo)
                 self._head_pieces[account] = (head.generation, frozenset(all_ids))
                 return CommitResult(
                     account,
@@ -314,6 +312,20 @@ class Replica:
                     len(redo),
                     uploaded,
                 )
+            if (
+                head is not None
+                and head.state == "removed"
+                and parent is not None
+                and parent != ADOPTED
+                and parent <= head.generation
+            ):
+                # a snapshot of the session as it was before the account was removed (a backup
+                # that was already running): it must not bring the removed account back
+                raise Conflict(
+                    f"{account} was removed (its head is a tombstone at generation "
+                    f"{head.generation}); a copy of the session from before the removal is not "
+                    "backed up"
+                )
             if relation in ("behind", "diverged") and head is not None:
                 raise Conflict(conflict_message(account, head.generation, parent, relation))
             known = self._head_pieces.get(account)
@@ -321,14 +333,14 @@ class Replica:
             if head is not None and known is not None and known[0] == head.generation:
                 candidates = all_ids - known[1]
             missing = self.store.missing_pieces(account, candidates) if candidates else set()
-            lost = {p for e in carried.values() for p in e.pieces if p in missing}
+            lost = missing - fresh
             if lost:
                 raise StaleSnapshot(
                     f"{account}: {len(lost)} pieces of files carried from generation "
                     f"{head.generation if head else None} are gone from the store"
                 )
             missing |= redo
-            uploaded_bytes = self._upload(snapshot.root, account, list(copied.values()), missing)
+            uploaded_bytes = self._upload(snapshot, copied, missing)
             expected = head.generation if head else None
             generation = max([expected or 0, *listed]) + 1
             manifest = Manifest(
@@ -353,6 +365,8 @@ class Replica:
             else:
                 old_history = tuple(sorted((g for g in listed if g < generation), reverse=True))
             history = (generation, *old_history)[: self.keep_generations]
+            if not manifest.checked:
+                history += self._last_checked(account, old_history, history)
             if before_switch is not None:
                 before_switch(generation, digest)
             self._switch(
@@ -362,6 +376,7 @@ class Replica:
             )
             self._head_pieces[account] = (generation, frozenset(all_ids))
             self._pieces_of[(account, generation)] = frozenset(all_ids)
+            self._checked_of[(account, generation)] = manifest.checked
             self._entries_of[account] = (generation, {e.path: e for e in entries})
             if trusted or not listed:
                 fell_off = tuple(g for g in old_history if g not in history)
@@ -433,26 +448,70 @@ class Replica:
 
     def _copied_entries(self, snapshot: Snapshot) -> dict[str, FileEntry]:
         key = self.keyring.current
-        copied: dict[str, FileEntry] = {}
-        for f in snapshot.files:
-            if f.status != "copied":
-                continue
-            data = (snapshot.root / f.path).read_bytes()
-            copied[f.path] = FileEntry(
-                path=f.path,
-                kind=f.kind,
-                mode=f.owner.mode,
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                pieces=tuple(
-                    key.piece_id(memoryview(data)[o : o + PIECE_SIZE])
-                    for o in range(0, len(data), PIECE_SIZE)
-                ),
-                uid=f.owner.uid,
-                gid=f.owner.gid,
-                content_sha=_content_sha(f.kind, data),
+        return {
+            f.path: copied_entry(key, f, snapshot.content(f.path))
+            for f in snapshot.files
+            if f.status == "copied"
+        }
+
+    def _delta_entries(
+        self, snapshot: Snapshot, head: Head | None, base_generation: int | None
+    ) -> dict[str, FileEntry]:
+        """The entries of the databases captured by what changed since `base_generation`,
+        which must still be the head (else StaleSnapshot: the caller reads them whole)."""
+        deltas = [f for f in snapshot.files if f.status == "delta"]
+        if not deltas:
+            return {}
+        account = snapshot.account
+        if head is None or head.state != "active" or head.generation != base_generation:
+            raise StaleSnapshot(
+                f"{account}: the head moved from generation {base_generation} to "
+                f"{head.generation if head else None}; changed databases must be read whole"
             )
-        return copied
+        previous = self._entries(account, head.generation)
+        key = self.keyring.current
+        out: dict[str, FileEntry] = {}
+        for f in deltas:
+            base = previous.get(f.path)
+            if base is None:
+                raise StaleSnapshot(f"{account}: {f.path} is not in generation {base_generation}")
+            try:
+                out[f.path] = delta_entry(key, f, base, snapshot)
+            except BaseMismatch as exc:
+                raise StaleSnapshot(f"{account}: {exc}") from None
+        return out
+
+    @staticmethod
+    def _fresh_ids(snapshot: Snapshot, entries: dict[str, FileEntry]) -> set[str]:
+        """Ids of the pieces the snapshot read (it can upload those)."""
+        by_path = {f.path: f for f in snapshot.files}
+        out: set[str] = set()
+        for path, entry in entries.items():
+            f = by_path[path]
+            if f.status == "delta":
+                out.update(entry.pieces[n] for n in f.pieces)
+            else:
+                out.update(entry.pieces)
+        return out
+
+    def _last_checked(
+        self, account: str, old_history: tuple[int, ...], history: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """The newest generation of `old_history` that passed integrity_check, if `history`
+        (newest first, cut to keep_generations) lost it: retention keeps it as well, so a
+        database is always restorable from a checked copy (see docs/performance.md)."""
+        for g in old_history:
+            checked = self._checked_of.get((account, g))
+            if checked is None:
+                try:
+                    checked = self.load_manifest(account, g).checked
+                except WadaemonError as exc:
+                    log.warning("%s: cannot read generation %d to keep it: %s", account, g, exc)
+                    continue
+                self._checked_of[(account, g)] = checked
+            if checked:
+                return () if g in history else (g,)
+        return ()
 
     def _digest(self, entries: list[FileEntry], snapshot: Snapshot) -> str:
         """What decides whether anything changed: every file's content, mode and owners, and
@@ -509,7 +568,7 @@ class Replica:
         kind = kind_of(entry.path)
         if kind is OTHER or entry.kind == "sqlite":
             return True
-        data = b"".join(self.read_piece(account, p) for p in entry.pieces)
+        data = b"".join(self.read_pieces(account, entry.pieces))
         return kind.torn(data) is None
 
     def set_head_state(self, account: str, state: str) -> Head | None:
@@ -560,21 +619,21 @@ class Replica:
             manifest.to_bytes(), manifest_context(manifest.account, manifest.generation)
         )
 
-    def _upload(self, root: Path, account: str, entries: list[FileEntry], missing: set[str]) -> int:
+    def _upload(self, snapshot: Snapshot, entries: dict[str, FileEntry], missing: set[str]) -> int:
         uploaded = 0
         todo = set(missing)
+        account = snapshot.account
         context = piece_context(account)
-        for entry in entries:
-            if not todo.intersection(entry.pieces):
+        for f in snapshot.files:
+            entry = entries.get(f.path)
+            if entry is None or not todo.intersection(entry.pieces):
                 continue
-            with open(root / entry.path, "rb") as fh:
-                for piece_id in entry.pieces:
-                    data = fh.read(PIECE_SIZE)
-                    if piece_id in todo:
-                        blob = self.keyring.seal(data, context)
-                        self.store.write_piece(account, piece_id, blob)
-                        uploaded += len(blob)
-                        todo.discard(piece_id)
+            for piece_id, data in read_pieces(snapshot, f, entry):
+                if piece_id in todo:
+                    blob = self.keyring.seal(data, context)
+                    self.store.write_piece(account, piece_id, blob)
+                    uploaded += len(blob)
+                    todo.discard(piece_id)
         return uploaded
 
     # --- retention ----------------------------------------------------------------------------
@@ -641,7 +700,8 @@ class Replica:
         if head is None:
             return GcResult(skipped=skipped)
         self._last_full_gc[account] = time.monotonic()
-        keep = [g for g in head.history if g <= head.generation][: self.keep_generations]
+        # the newest keep_generations, and after them the newest checked one (see commit)
+        keep = [g for g in head.history if g <= head.generation][: self.keep_generations + 1]
         # Manifests below the head and outside its history are leftovers of commits that
         # crashed before switching the head (it has moved past them, so no commit can still
         # make them current). Those above the head are left alone: another writer's commit may
@@ -682,7 +742,28 @@ class Replica:
         return Manifest.from_bytes(plain, account, generation)
 
     def read_piece(self, account: str, piece_id: str) -> bytes:
-        blob = self.store.read_piece(account, piece_id)
+        return self._open_piece(account, piece_id, self.store.read_piece(account, piece_id))
+
+    def read_pieces(self, account: str, piece_ids: Sequence[str]) -> Iterator[bytes]:
+        """The content of each piece in order (an id may repeat), each checked as read_piece
+        checks it; READ_BATCH ids per store call, one batch held at a time."""
+        for start in range(0, len(piece_ids), READ_BATCH):
+            chunk = piece_ids[start : start + READ_BATCH]
+            blobs = self.store.read_pieces(account, chunk)
+            opened: dict[str, bytes] = {}
+            for piece_id in chunk:
+                data = opened.get(piece_id)
+                if data is None:
+                    blob = blobs.pop(piece_id, None)
+                    if blob is None:  # the store must raise NotFound; it did not
+                        raise NotFound(
+                            f"piece {piece_id[:16]}… is missing from {self.store.describe()}"
+                        )
+                    data = opened[piece_id] = self._open_piece(account, piece_id, blob)
+                yield data
+
+    def _open_piece(self, account: str, piece_id: str, blob: bytes) -> bytes:
+        """Authenticate and decrypt a sealed piece, and check that it holds what its id says."""
         try:
             key = self.keyring.key_for(blob)
             data = self.keyring.open(blob, piece_context(account))
@@ -694,16 +775,31 @@ class Replica:
 
     def damaged_pieces(self, account: str, generation: int) -> list[str]:
         """The pieces of a generation that are missing or fail authentication or their id
-        check, read one by one (the manifest must open)."""
+        check (the manifest must open). Read READ_BATCH at a time; a batch the store cannot
+        return whole (one of its pieces is missing or has no blob) is read again one by one."""
         manifest = self.load_manifest(account, generation)
+        ids = sorted({p for f in manifest.files for p in f.pieces})
         damaged = []
-        for piece_id in sorted({p for f in manifest.files for p in f.pieces}):
+        for start in range(0, len(ids), READ_BATCH):
+            chunk = ids[start : start + READ_BATCH]
+            blobs: dict[str, bytes] | None
             try:
-                self.read_piece(account, piece_id)
+                blobs = self.store.read_pieces(account, chunk)
             except StoreUnavailable:
                 raise
-            except (DecryptError, IntegrityError, StoreError):
-                damaged.append(piece_id)
+            except StoreError:
+                blobs = None
+            for piece_id in chunk:
+                try:
+                    if blobs is None or piece_id not in blobs:
+                        blob = self.store.read_piece(account, piece_id)
+                    else:
+                        blob = blobs.pop(piece_id)
+                    self._open_piece(account, piece_id, blob)
+                except StoreUnavailable:
+                    raise
+                except (DecryptError, IntegrityError, StoreError):
+                    damaged.append(piece_id)
         return damaged
 
     def write_file(self, account: str, entry: FileEntry, dest: Path) -> None:
@@ -712,14 +808,14 @@ class Replica:
         size = 0
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for piece_id in entry.pieces:
-                data = self.read_piece(account, piece_id)
+            for data in self.read_pieces(account, entry.pieces):
                 digest.update(data)
                 size += len(data)
                 out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        # an entry without a whole-file SHA-256 is fixed by its piece ids, each checked above
+        if size != entry.size or (entry.sha256 and digest.hexdigest() != entry.sha256):
             raise IntegrityError(
                 f"{entry.path}: rebuilt file does not match its manifest "
                 f"({size} bytes, expected {entry.size}; SHA-256 mismatch)"

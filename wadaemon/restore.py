@@ -335,17 +335,30 @@ class Restorer:
         )
 
     def restore_account(
-        self, account: str, *, force: bool = False, generation: int | None = None
+        self,
+        account: str,
+        *,
+        force: bool = False,
+        generation: int | None = None,
+        takeover: bool = False,
     ) -> RestoreOutcome:
         """Restore into the sessions directory if the local session is missing, empty or corrupt
-        (or always, with force). Never raises for an expected failure: the outcome says it."""
+        (or always, with force). Never raises for an expected failure: the outcome says it.
+
+        `takeover`: this instance has just acquired the account's lease, so the account was
+        driven elsewhere and the head is the truth: a local copy is kept only if it provably
+        descends from the head (its lineage names the head, or it holds changes made on top of
+        it); any other copy, an adopted one included, is stale: it goes to .quarantine/ and the
+        head is restored, where a single host would report a conflict."""
         target = self.layout.account_dir(account)
         local = inspect_local(target)
         if local.state == "healthy" and not force:
-            reconciled = self._reconcile(account, local)
-            if reconciled is not None:
+            reconciled = self._reconcile(account, local, takeover=takeover)
+            if reconciled is not None and not (takeover and reconciled.status == "conflict"):
                 return reconciled
             local = LocalState("behind", "unchanged since an older generation than the head")
+            if reconciled is not None:
+                local = LocalState("stale", "changed before another instance took it over")
         if local.state == "unknown" and not force:
             return RestoreOutcome(account, "unchecked", detail=local.detail + "; left as it is")
         if local.state == "unreadable":
@@ -380,7 +393,9 @@ class Restorer:
         quarantined: Path | None = None
         try:
             if target.exists() and local.state != "empty":
-                reason = local.state if local.state in ("corrupt", "behind") else "replaced"
+                reason = (
+                    local.state if local.state in ("corrupt", "behind", "stale") else "replaced"
+                )
                 quarantined = self.layout.move_to_quarantine(account, reason)
             try:
                 os.rename(built, target)  # replaces an empty directory atomically
@@ -415,7 +430,9 @@ class Restorer:
             detail += f"; previous copy moved to {quarantined}"
         return RestoreOutcome(account, "restored", g, detail, failures, quarantined, backed_up=g)
 
-    def _reconcile(self, account: str, local: LocalState) -> RestoreOutcome | None:
+    def _reconcile(
+        self, account: str, local: LocalState, *, takeover: bool = False
+    ) -> RestoreOutcome | None:
         """A healthy local session is kept if it descends from the backup head (or equals it,
         or there is no active head). One that is an older generation unchanged (an old disk
         put back) returns None: the head is restored over it. One that diverged is a conflict:
@@ -436,13 +453,15 @@ class Restorer:
         if head is None or head.state != "active":
             return RestoreOutcome(account, "kept", detail=f"{detail}; not backed up yet")
         parent = descent.parent_for(head.generation, head.digest)
-        if parent in (head.generation, ADOPTED):
+        if parent == head.generation or (parent == ADOPTED and not takeover):
             return RestoreOutcome(account, "kept", detail=detail, backed_up=head.generation)
+        # taking over, an adopted copy proves nothing: only equal content keeps it
+        claimed = None if takeover and descent.generation == ADOPTED else descent.generation
         staging = self.layout.new_temp_dir("compare", account)
         try:
             relation, head = self.replica.relation(
                 take_snapshot(account, self.layout.account_dir(account), staging),
-                descent.generation,
+                claimed,
                 descent.pending,
             )
         except WadaemonError as exc:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wadaemon.errors import SnapshotError, UnreadableSession
 from wadaemon.manifest import DirEntry
+from wadaemon.worker_pool import POOL
 
 WORKER_TIMEOUT_S = 600.0
 
 StatKey = tuple[int, ...]  # size, mtime_ns, inode, mode, uid, gid (see sqlite_worker._stat_key)
+WalPosition = tuple[int, ...]  # see wal_image.Position
 
 
 @dataclass(frozen=True)
@@ -31,11 +30,20 @@ class SnapshotFile:
     path: str  # relative, with '/' separators
     kind: str  # "sqlite", or a file_kinds name ("json", "file")
     owner: Owner
-    # copied: the copy is under Snapshot.root; reused: unchanged since the stat key the caller
-    # offered, not read; torn: not whole by its kind's test within the worker's time, not copied
+    # copied: the copy is in Snapshot.copies or under Snapshot.root; reused: unchanged since
+    # the stat key the caller offered, not read; torn: not whole by its kind's test within the
+    # worker's time, not copied
     status: str = "copied"
     stat: StatKey | None = None  # of the file as it was copied (not for SQLite databases)
     torn: str = ""  # why, for status "torn"
+    # SQLite databases in WAL mode (wal_capture.py): the position captured, the size in pages
+    # and the page size; status "delta": only the pieces in `pieces` were read (the others
+    # are those of the generation the capture was asked from)
+    wal: WalPosition | None = None
+    pages: int = 0
+    page_size: int = 0
+    pieces: tuple[int, ...] = ()
+    checked: bool = True  # passed integrity_check (a database read whole)
 
     @property
     def mode(self) -> int:
@@ -56,6 +64,17 @@ class Snapshot:
     # (relative path, what it is) of entries that are neither regular files nor directories
     # (symlinks, FIFOs, sockets, devices): never opened, never backed up
     skipped: tuple[tuple[str, str], ...] = ()
+    # copies made in memory, by relative path; the others are files under root
+    copies: Mapping[str, bytes] = field(default_factory=dict)
+
+    def content(self, path: str) -> bytes:
+        """The copied content of the file `path` (status "copied")."""
+        copy = self.copies.get(path)
+        return copy if copy is not None else (self.root / path).read_bytes()
+
+    def piece(self, path: str, number: int) -> bytes:
+        """Piece `number` of the file `path` captured by what changed (status "delta")."""
+        return self.copies[f"{path}#{number}"]
 
     def device_count(self, path: str) -> int | None:
         return dict(self.devices).get(path)
@@ -78,32 +97,8 @@ class CheckReport:
 def run_worker(
     *args: str, timeout: float = WORKER_TIMEOUT_S, options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "wadaemon.sqlite_worker", *args]
-    try:
-        proc = subprocess.run(
-            cmd,
-            input=json.dumps(options or {}),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise SnapshotError(f"the snapshot worker took longer than {timeout:.0f} s") from None
-    try:
-        out: dict[str, Any] = json.loads(proc.stdout) if proc.stdout.strip() else {}
-    except json.JSONDecodeError:
-        out = {}
-    if out.get("unreadable"):
-        raise UnreadableSession(str(out["error"]))
-    if proc.returncode != 0 or not out or "error" in out:
-        detail = (
-            out.get("error")
-            or proc.stderr.strip().splitlines()[-1:]
-            or [f"exit status {proc.returncode}"]
-        )
-        raise SnapshotError(str(detail if isinstance(detail, str) else detail[0]))
-    return out
+    """One request to a snapshot worker (worker_pool.py); its answer."""
+    return POOL.call(*args, options=options, timeout=timeout)[0]
 
 
 def _opt(value: Any) -> int | None:
@@ -115,15 +110,25 @@ def _owner(raw: dict[str, Any]) -> Owner:
 
 
 def take_snapshot(
-    account: str, source: Path, dest: Path, reuse: dict[str, StatKey] | None = None
+    account: str,
+    source: Path,
+    dest: Path,
+    reuse: dict[str, StatKey] | None = None,
+    since: dict[str, tuple[WalPosition, int]] | None = None,
+    piece_size: int = 64 * 1024,
 ) -> Snapshot:
-    """Copy `source` consistently into the empty directory `dest`. Files whose stat key still
-    matches `reuse[path]` are not read: they come back with status "reused"."""
-    out = run_worker(
-        "snapshot",
-        str(source),
-        str(dest),
-        options={"reuse": {p: list(k) for p, k in (reuse or {}).items()}},
+    """Copy `source` consistently (in memory, or into the empty directory `dest`). Files whose
+    stat key still matches `reuse[path]` are not read: they come back with status "reused".
+    Databases with a position in `since` ({path: (position, pages)}) come back as the pieces
+    changed since (status "delta") when their WAL still tells."""
+    options = {
+        "reuse": {p: list(k) for p, k in (reuse or {}).items()},
+        "inline": True,
+        "since": {p: {"wal": list(w), "pages": n} for p, (w, n) in (since or {}).items()},
+        "piece_size": piece_size,
+    }
+    out, copies = POOL.call(
+        "snapshot", str(source), str(dest), options=options, timeout=WORKER_TIMEOUT_S
     )
     files = tuple(
         SnapshotFile(
@@ -133,6 +138,11 @@ def take_snapshot(
             status=f.get("status", "copied"),
             stat=tuple(int(x) for x in f["stat"]) if f.get("stat") else None,
             torn=str(f.get("torn", "")),
+            wal=tuple(int(x) for x in f["wal"]) if f.get("wal") else None,
+            pages=int(f.get("pages", 0)),
+            page_size=int(f.get("page_size", 0)),
+            pieces=tuple(int(k) for k in f.get("pieces", ())),
+            checked=bool(f.get("checked", True)),
         )
         for f in out["files"]
     )
@@ -145,7 +155,8 @@ def take_snapshot(
         if f.get("devices") is not None
     )
     skipped = tuple((str(p).replace("\\", "/"), str(what)) for p, what in out.get("skipped", ()))
-    return Snapshot(account, dest, files, tuple(out.get("warnings", ())), dirs, devices, skipped)
+    warnings = tuple(out.get("warnings", ()))
+    return Snapshot(account, dest, files, warnings, dirs, devices, skipped, copies)
 
 
 def check_directory(path: Path, *, private_copy: bool = False) -> CheckReport:

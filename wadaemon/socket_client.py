@@ -82,13 +82,23 @@ def stream(
 
 
 def request(
-    path: Path, method: str, url: str, timeout: float = 30.0, hint: str = ""
+    path: Path,
+    method: str,
+    url: str,
+    timeout: float = 30.0,
+    hint: str = "",
+    body: Any = None,
 ) -> tuple[int, Any]:
     """(HTTP status, decoded JSON or text) from the daemon; NotRunning if nobody answers, with
-    `hint` (how to start the daemon: the command knows, from its configuration)."""
+    `hint` (how to start the daemon: the command knows, from its configuration). `body`, if
+    given, is sent as JSON."""
     conn = _UnixConnection(path, timeout)
     try:
-        conn.request(method, url)
+        if body is None:
+            conn.request(method, url)
+        else:
+            data = json.dumps(body).encode()
+            conn.request(method, url, data, {"Content-Type": "application/json"})
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:

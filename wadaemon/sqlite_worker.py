@@ -3,7 +3,9 @@
 The daemon process never opens a live SQLite session database: the WhatsApp client library links
 its own SQLite, and POSIX advisory locks are per process, so any descriptor the daemon opened and
 closed on the file would drop the client's locks. This module runs as
-`python -m wadaemon.sqlite_worker COMMAND ...` and prints one JSON document on stdout.
+`python -m wadaemon.sqlite_worker COMMAND ...` and prints one JSON document on stdout, or as
+`python -m wadaemon.sqlite_worker serve`, a long-lived worker answering one request after the
+other (worker_pool.py: the daemon's way, with no interpreter start per backup).
 
     snapshot SRC DST   copy the account directory SRC into the empty directory DST: SQLite
                        databases through the online backup API (a consistent copy even while
@@ -13,7 +15,9 @@ closed on the file would drop the client's locks. This module runs as
                        {path: stat key} of files the caller already holds; a file whose stat
                        still matches is not read. Every file and directory comes with its mode
                        and numeric owner and group; what is neither (symlinks, FIFOs, sockets,
-                       devices) is listed as skipped, never opened.
+                       devices) is listed as skipped, never opened. With the option
+                       "inline" the copies are made in memory and sent back after the answer
+                       (serve only): nothing is written to disk.
     check DIR          every file passes its kind's test: PRAGMA integrity_check for SQLite
                        databases, whole content for the others.
                        --immutable opens databases as immutable (for private copies).
@@ -28,6 +32,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sqlite3
 import stat
 import sys
@@ -35,81 +40,34 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from wadaemon.errors import unreadable_message
 from wadaemon.file_kinds import SQLITE, by_name, kind_of
+from wadaemon.wal_capture import capture
+from wadaemon.worker_files import (
+    BUSY_TIMEOUT_S,
+    CAN_SERIALIZE,
+    DIR_FLAGS,
+    NOT_A_FILE,
+    SIDECAR_SUFFIXES,
+    SQLITE_MAGIC,
+    Replaced,
+    Unreadable,
+    WorkerError,
+    _check_opened,
+    _connect,
+    _devices,
+    _identity,
+    _open_regular,
+    _open_root,
+    _regular_identity,
+    _unreadable,
+    _what,
+)
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
-SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
-BUSY_TIMEOUT_S = 10.0
 # A file that is not whole (see file_kinds) is read again for this long before it is reported
 # torn: a writer's truncate and write are usually a few milliseconds apart.
 WHOLE_WITHIN_S = 0.5
 REREAD_EVERY_S = 0.005
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# errors of an open that met a symlink, a FIFO with no writer, a device or a socket: not a file
-NOT_A_FILE = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTDIR)
-
-
-class WorkerError(Exception):
-    pass
-
-
-class Unreadable(WorkerError):
-    """The daemon's user may not read something in the account directory."""
-
-
-class Replaced(WorkerError):
-    """A file was replaced by something else (a symlink, another file) while it was copied."""
-
-
-def _unreadable(path: str, exc: OSError) -> Unreadable:
-    return Unreadable(unreadable_message(path, exc.strerror))
-
-
-def _open_root(path: str) -> int:
-    """A descriptor on the account directory itself; never through a symlink."""
-    try:
-        return os.open(path, DIR_FLAGS)
-    except PermissionError as exc:
-        raise _unreadable(path, exc) from None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise WorkerError(f"{path}: not a directory (a symlink, or a file); not used") from None
-        raise WorkerError(f"{path}: {exc.strerror}") from None
-
-
-def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
-    """Open `rel` (a relative path with '/' separators) under the directory `root_fd`, every
-    component with O_NOFOLLOW: a directory swapped for a symlink on the way is not followed
-    (the open fails with ELOOP or ENOTDIR)."""
-    parts = rel.split("/")
-    fd = root_fd
-    try:
-        for name in parts[:-1]:
-            parent, fd = fd, os.open(name, DIR_FLAGS, dir_fd=fd)
-            if parent != root_fd:
-                os.close(parent)
-        return os.open(parts[-1], flags, dir_fd=fd)
-    finally:
-        if fd != root_fd:
-            os.close(fd)
-
-
-def _open_regular(root_fd: int, rel: str) -> int | None:
-    """A descriptor on `rel` under `root_fd` if it is a regular file; None for anything else.
-    Never follows a symlink (on the way either) and never blocks (a FIFO opens at once and is
-    refused)."""
-    try:
-        fd = _open_beneath(root_fd, rel, OPEN_FLAGS)
-    except OSError as exc:
-        if exc.errno in NOT_A_FILE:
-            return None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
+PIECE_SIZE = 64 * 1024  # the daemon says which (file_entries.PIECE_SIZE)
 
 
 def _is_sqlite(dir_fd: int, name: str, path: str) -> bool:
@@ -125,20 +83,6 @@ def _is_sqlite(dir_fd: int, name: str, path: str) -> bool:
         return os.pread(fd, 16, 0) == SQLITE_MAGIC
     finally:
         os.close(fd)
-
-
-def _what(mode: int) -> str:
-    """What a directory entry that is neither a regular file nor a directory is."""
-    for test, name in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _overflow_id(kind: str) -> int:
@@ -249,114 +193,15 @@ def _integrity(conn: sqlite3.Connection) -> str:
     return "ok" if rows == ["ok"] else "; ".join(str(r) for r in rows[:5])
 
 
-Identity = tuple[int, int]  # (st_dev, st_ino)
-
-
-def _identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino)
-
-
-def _open_files() -> dict[int, Identity] | None:
-    """The files this process has open, by descriptor; None if /proc cannot tell."""
-    try:
-        numbers = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    out: dict[int, Identity] = {}
-    for n in numbers:
-        try:
-            out[int(n)] = _identity(os.stat(f"/proc/self/fd/{n}"))
-        except (OSError, ValueError):
-            continue  # the descriptor that listed the directory, closed since
-    return out
-
-
-_OPEN_ERRORS = {
-    errno.ELOOP: "a symbolic link",
-    errno.ENOTDIR: "under a symbolic link",
-    errno.ENXIO: "a socket",
-    errno.ENODEV: "a device",
-    errno.EOPNOTSUPP: "a socket",
-}
-
-
-def _regular_stat(root_fd: int, rel: str) -> os.stat_result | None:
-    """The stat of `rel` under `root_fd` if it is a regular file reached without following
-    a symlink; None if it is absent. Raises Replaced if it is anything else."""
-    try:
-        fd = _open_beneath(root_fd, rel, OPEN_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno in NOT_A_FILE:
-            what = _OPEN_ERRORS.get(exc.errno or 0, "not a regular file")
-            raise Replaced(f"{rel}: {what}, not a regular file") from None
-        raise
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise Replaced(f"{rel}: {_what(st.st_mode)}, not a regular file")
-    return st
-
-
-def _regular_identity(root_fd: int, rel: str) -> Identity | None:
-    st = _regular_stat(root_fd, rel)
-    return None if st is None else _identity(st)
-
-
-def _check_opened(before: dict[int, Identity] | None, allowed: set[Identity], rel: str) -> None:
-    """Every file opened since `before` is one of `allowed`: SQLite opens by name, so a path
-    swapped for a symlink between our check and its open would make it read another file."""
-    if before is None:
-        return
-    now = _open_files() or {}
-    for n, ident in now.items():
-        if before.get(n) != ident and ident not in allowed:
-            raise Replaced(
-                f"{rel}: replaced while it was copied (a symlink, or another file); this "
-                "copy is not used"
-            )
-
-
-def _connect(
-    root_fd: int, rel: str, uri: str
-) -> tuple[sqlite3.Connection, os.stat_result, dict[int, Identity] | None]:
-    """Connect SQLite to the database `rel` under `root_fd`. SQLite opens files by name,
-    following symlinks, and blocks on a FIFO: so the database and its -wal, -shm and -journal
-    are first checked to be regular files (or absent) reached without a symlink, and the file
-    SQLite opened (at once, before reading anything) is checked to be the database checked.
-    Returns the connection, the database's stat and the files open before (for
-    _check_opened); raises Replaced, or FileNotFoundError if the database is gone."""
-    st = _regular_stat(root_fd, rel)
-    if st is None:
-        raise FileNotFoundError(rel)
-    main = _identity(st)
-    for suffix in SIDECAR_SUFFIXES:
-        try:
-            _regular_identity(root_fd, rel + suffix)
-        except Replaced as exc:
-            raise Replaced(
-                f"{exc}: SQLite would open it with {rel}, so {rel} is not read until it is removed"
-            ) from None
-    before = _open_files()
-    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
-    try:
-        _check_opened(before, {main}, rel)
-    except BaseException:
-        conn.close()
-        raise
-    return conn, st, before
-
-
 def _copy_sqlite(
-    root_fd: int, rel: str, src: str, dst: str
-) -> tuple[dict[str, Any], os.stat_result]:
-    """Copy a database with the online backup API (opened by _connect). Every file SQLite
-    opened is then checked to be the database, its -wal/-shm/-journal (regular files) or the
-    copy: anything else refuses the copy (Replaced). Returns what the copy says (page size,
-    paired devices) and the stat of the database copied."""
+    root_fd: int, rel: str, src: str, dst: str | None
+) -> tuple[dict[str, Any], os.stat_result, bytes | None]:
+    """Copy a database with the online backup API (opened by _connect), into the file `dst`,
+    or into memory (dst None; where Connection.serialize exists, else into a temporary file
+    beside nothing, deleted at once). Every file SQLite opened is then checked to be the
+    database, its -wal/-shm/-journal (regular files) or the copy: anything else refuses the
+    copy (Replaced). Returns what the copy says (page size, paired devices), the stat of the
+    database copied and the copy's bytes when it was made in memory."""
     try:
         source, st, before = _connect(root_fd, rel, f"file:{quote(src)}")
     except FileNotFoundError:
@@ -364,7 +209,8 @@ def _copy_sqlite(
     main = _identity(st)
     try:
         source.execute("PRAGMA query_only=1")
-        target = sqlite3.connect(dst)
+        target = sqlite3.connect(dst if dst is not None else ":memory:")
+        data: bytes | None = None
         try:
             source.backup(target)
             allowed = {main}
@@ -372,31 +218,25 @@ def _copy_sqlite(
                 ident = _regular_identity(root_fd, path)
                 if ident is not None:
                     allowed.add(ident)
-            for path in (dst, *(dst + s for s in SIDECAR_SUFFIXES)):
-                with contextlib.suppress(FileNotFoundError):
-                    allowed.add(_identity(os.stat(path, follow_symlinks=False)))
+            if dst is not None:
+                for path in (dst, *(dst + s for s in SIDECAR_SUFFIXES)):
+                    with contextlib.suppress(FileNotFoundError):
+                        allowed.add(_identity(os.stat(path, follow_symlinks=False)))
             _check_opened(before, allowed, rel)
             if _regular_identity(root_fd, rel) != main:
                 raise Replaced(f"{rel}: replaced while it was copied; this copy is not used")
             result = _integrity(target)
             page_size = int(target.execute("PRAGMA page_size").fetchone()[0])
             devices = _devices(target) if result == "ok" else None
+            if dst is None and result == "ok":
+                data = target.serialize()  # type: ignore[attr-defined,unused-ignore]
         finally:
             target.close()
     finally:
         source.close()
     if result != "ok":
         raise WorkerError(f"the copy fails PRAGMA integrity_check: {result}")
-    return {"page_size": page_size, "devices": devices}, st
-
-
-def _devices(conn: sqlite3.Connection) -> int | None:
-    """Paired devices in a WhatsApp client (whatsmeow) database; None for other databases."""
-    if not conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='whatsmeow_device'"
-    ).fetchone():
-        return None
-    return int(conn.execute("SELECT count(*) FROM whatsmeow_device").fetchone()[0])
+    return {"page_size": page_size, "devices": devices}, st, data
 
 
 def _read_whole(root_fd: int, rel: str, kind: str) -> tuple[bytes, os.stat_result, str | None]:
@@ -430,21 +270,38 @@ def _read_whole(root_fd: int, rel: str, kind: str) -> tuple[bytes, os.stat_resul
         time.sleep(REREAD_EVERY_S)
 
 
-def snapshot(src_root: str, dst_root: str, reuse: dict[str, list[int]]) -> dict[str, Any]:
+def snapshot(
+    src_root: str,
+    dst_root: str,
+    reuse: dict[str, list[int]],
+    inline: bool = False,
+    since: dict[str, dict[str, Any]] | None = None,
+    piece_size: int = PIECE_SIZE,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Copy an account directory. A file whose stat matches `reuse[path]` is not read (the
-    caller holds its content); a file that stays torn is reported, not copied."""
+    caller holds its content); a file that stays torn is reported, not copied. With `inline`,
+    the copies are made in memory and returned by path (nothing is written under dst_root)."""
     root_fd = _open_root(src_root)
     try:
-        return _snapshot(src_root, root_fd, dst_root, reuse)
+        inline = inline and CAN_SERIALIZE
+        return _snapshot(src_root, root_fd, dst_root, reuse, inline, since or {}, piece_size)
     finally:
         os.close(root_fd)
 
 
 def _snapshot(
-    src_root: str, root_fd: int, dst_root: str, reuse: dict[str, list[int]]
-) -> dict[str, Any]:
+    src_root: str,
+    root_fd: int,
+    dst_root: str,
+    reuse: dict[str, list[int]],
+    inline: bool,
+    since: dict[str, dict[str, Any]],
+    piece_size: int,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
     entries, dirs, skipped = _scan(src_root, root_fd, reuse)
     files: list[dict[str, Any]] = []
+    copies: dict[str, bytes] = {}
+    warnings: list[str] = []
     for rel, kind in entries:
         src = os.path.join(src_root, rel)
         dst = os.path.join(dst_root, rel)
@@ -454,18 +311,37 @@ def _snapshot(
                 if _stat_key(st) == reuse[rel]:
                     files.append({"path": rel, "kind": kind, "status": "reused", **_owner(st)})
                     continue
-            os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
+            if not inline:
+                os.makedirs(os.path.dirname(dst), mode=0o700, exist_ok=True)
             if kind == SQLITE:
-                extra, st = _copy_sqlite(root_fd, rel, src, dst)
-                files.append({"path": rel, "kind": kind, "status": "copied", **_owner(st), **extra})
+                captured = capture(root_fd, rel, src, since.get(rel), piece_size) if inline else ""
+                if not isinstance(captured, str):
+                    fields, pieces, st = captured
+                    for key, data in pieces.items():
+                        copies[f"{rel}#{key}" if key else rel] = data
+                    files.append({"path": rel, "kind": kind, **_owner(st), **fields})
+                    continue
+                extra, st, copy = _copy_sqlite(root_fd, rel, src, None if inline else dst)
+                if captured:  # the WAL reader failed where the backup API did not: say so
+                    warnings.append(f"{rel}: copied with the backup API: {captured}")
+                if copy is not None:
+                    copies[rel] = copy
+                files.append(
+                    {"path": rel, "kind": kind, "status": "copied", "checked": True}
+                    | _owner(st)
+                    | extra
+                )
                 continue
             data, st, why = _read_whole(root_fd, rel, kind)
             record = {"path": rel, "kind": kind, **_owner(st), "stat": _stat_key(st)}
             if why is not None:
                 files.append({**record, "status": "torn", "torn": why})
                 continue
-            with open(dst, "xb") as out:
-                out.write(data)
+            if inline:
+                copies[rel] = data
+            else:
+                with open(dst, "xb") as out:
+                    out.write(data)
             files.append({**record, "status": "copied"})
         except FileNotFoundError:
             continue  # deleted while we looked: it is not part of this snapshot
@@ -475,7 +351,7 @@ def _snapshot(
             raise
         except (sqlite3.Error, WorkerError, OSError) as exc:
             raise WorkerError(f"{rel}: {exc}") from None
-    return {"files": files, "dirs": dirs, "skipped": skipped}
+    return {"files": files, "dirs": dirs, "skipped": skipped, "warnings": warnings}, copies
 
 
 def check(root: str, immutable: bool) -> dict[str, Any]:
@@ -545,22 +421,56 @@ def session(path: str, create: bool) -> dict[str, Any]:
     return {"exists": True, "journal_mode": mode, "devices": devices}
 
 
+def run(argv: list[str], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One command: its answer, and the copies made in memory (snapshot with "inline")."""
+    if len(argv) == 3 and argv[0] == "snapshot":
+        inline = bool(options.get("inline"))
+        since = options.get("since", {})
+        piece_size = int(options.get("piece_size", PIECE_SIZE))
+        return snapshot(argv[1], argv[2], options.get("reuse", {}), inline, since, piece_size)
+    if len(argv) in (2, 3) and argv[0] == "check":
+        return check(argv[1], immutable="--immutable" in argv[2:]), {}
+    if len(argv) in (2, 3) and argv[0] == "session":
+        return session(argv[1], create="--create" in argv[2:]), {}
+    raise WorkerError(
+        "usage: snapshot SRC DST | check DIR [--immutable] | session DB [--create] | serve; "
+        f"got {argv}"
+    )
+
+
+def _failure(exc: WorkerError) -> dict[str, Any]:
+    return {"error": str(exc), "unreadable": isinstance(exc, Unreadable)}
+
+
+def serve() -> int:
+    """Answer requests from stdin until it ends (see worker_pool.py for the protocol)."""
+    # Ctrl-C in a terminal reaches the whole process group: the daemon stops on it and still
+    # needs its workers for the final backups (they exit when their input ends)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        try:
+            answer, copies = run([request["command"], *request["args"]], request["options"])
+        except WorkerError as exc:
+            answer, copies = _failure(exc), {}
+        except (sqlite3.Error, OSError) as exc:  # outside any file: the request itself failed
+            answer, copies = _failure(WorkerError(str(exc))), {}
+        answer["payloads"] = [{"path": p, "size": len(d)} for p, d in copies.items()]
+        out.write(json.dumps(answer).encode() + b"\n")
+        for data in copies.values():
+            out.write(data)
+        out.flush()
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["serve"]:
+        return serve()
     try:
-        if len(argv) == 3 and argv[0] == "snapshot":
-            options = json.loads(sys.stdin.read() or "{}")
-            out = snapshot(argv[1], argv[2], options.get("reuse", {}))
-        elif len(argv) in (2, 3) and argv[0] == "check":
-            out = check(argv[1], immutable="--immutable" in argv[2:])
-        elif len(argv) in (2, 3) and argv[0] == "session":
-            out = session(argv[1], create="--create" in argv[2:])
-        else:
-            raise WorkerError(
-                "usage: snapshot SRC DST | check DIR [--immutable] | session DB [--create]; "
-                f"got {argv}"
-            )
+        out, _ = run(argv, json.loads(sys.stdin.read() or "{}") if argv[:1] == ["snapshot"] else {})
     except WorkerError as exc:
-        json.dump({"error": str(exc), "unreadable": isinstance(exc, Unreadable)}, sys.stdout)
+        json.dump(_failure(exc), sys.stdout)
         return 1
     json.dump(out, sys.stdout)
     return 0

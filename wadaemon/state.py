@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 class AccountState:
     account: str
     # protected (a committed generation exists) | unprotected (none yet) | unreadable (the
-    # daemon's user may not read it) | restoring | restore_failed | missing
+    # daemon's user may not read it) | restoring | restore_failed | missing | conflict |
+    # passive (another instance holds its lease: nothing is done with it here)
     state: str = "unprotected"
+    holder: str | None = None  # with leases: the instance that drives it ("" none); else None
     last_backup_at: float | None = None  # wall clock, last successful backup (or unchanged)
     last_backup_generation: int | None = None
     last_backup_result: str = ""  # created | unchanged | skipped | failed
@@ -60,6 +62,8 @@ class DaemonState:
     accounts: dict[str, AccountState] = field(default_factory=dict)
     store: StoreState = field(default_factory=lambda: StoreState("none"))
     loop_lag: float = 0.0
+    instance: str = ""
+    leased: bool = False  # accounts are shared with other instances through leases
 
     def account(self, name: str) -> AccountState:
         if name not in self.accounts:

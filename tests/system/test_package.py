@@ -391,6 +391,15 @@ def test_whatsapp_clients_run_under_the_unit(release: Release) -> None:
     assert_active(c)
     pid = c.show("wadaemon", "MainPID")["MainPID"]
     assert c.messages("--unit=wadaemon", "--grep=^whatsapp: supervising \\d+ accounts")
+    # messages under the hardened unit: the embedded store opens in the state directory, the
+    # health check says so, and `wadaemon messages` reads it through the socket
+    assert c.messages(
+        "--unit=wadaemon", "--grep=^messages: stored in embedded message store /var/lib/wadaemon/"
+    )
+    code, body = curl(c, "/health")
+    assert code == 200 and json.loads(body)["checks"]["messages"]["status"] == "ok", body
+    r = c.run("wadaemon", "messages", "nobody", check=False)
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
     maps = c.read(f"/proc/{pid}/maps")
     loaded = {line.split()[-1] for line in maps.splitlines() if GO_LIBRARY in line}
     assert len(loaded) == 1 and next(iter(loaded)).startswith("/opt/venvs/wadaemon/"), loaded
@@ -606,6 +615,11 @@ def test_reload(release: Release) -> None:
     started = time.monotonic()
     c.run("systemctl", "reload", "wadaemon", timeout=60)
     timed(release, "systemctl reload", time.monotonic() - started)
+    # systemd logs "Reloaded" on the daemon's READY=1, a datagram; the daemon's own lines come
+    # through its output stream and may reach the journal a moment later
+    c.wait_journal(
+        lambda m: m.startswith("reload: done"), 10, "reload: done", "--unit=wadaemon", after=mark
+    )
     entries = daemon_entries(c, after=mark)
     index_of(entries, r"^reload: done", index_of(entries, "^reloading the configuration"))
     assert_active(c)
@@ -615,6 +629,9 @@ def test_reload(release: Release) -> None:
     c.sh(f"echo 'no_such_key: 1' >> {CONFIG}")
     mark = c.cursor()
     c.run("systemctl", "reload", "wadaemon", timeout=60)
+    c.wait_journal(
+        lambda m: "keeping the running" in m, 10, "the error", "--unit=wadaemon", after=mark
+    )
     entries = [e for e in daemon_entries(c, after=mark) if "keeping the running" in message(e)]
     assert entries and entries[0]["PRIORITY"] == "3", entries
     assert_active(c)

@@ -13,14 +13,28 @@ from wadaemon.cli import (
     check_config,
     generations,
     keygen,
+    messages,
     restore,
     run,
+    send,
     status,
     verify,
 )
 from wadaemon.errors import EXIT_FAILURE, WadaemonError
 
-COMMANDS = (run, status, accounts, check_config, keygen, backup, restore, generations, verify)
+COMMANDS = (
+    run,
+    status,
+    accounts,
+    send,
+    messages,
+    check_config,
+    keygen,
+    backup,
+    restore,
+    generations,
+    verify,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,6 +76,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_config_option(res)
     res.set_defaults(handler=main_resolve)
 
+    mv = actions.add_parser(
+        "move",
+        help="hand an account this instance drives over to another instance (Firestore leases)",
+        description="With several instances sharing one Firestore project: stops the "
+        "account's client here, backs up its last changes and releases its lease, so that "
+        "another instance takes it over within seconds (--to INSTANCE: that one only). Run it "
+        "on the instance that drives the account (`wadaemon accounts list` shows it).",
+    )
+    mv.add_argument("account", metavar="ID")
+    mv.add_argument("--to", metavar="INSTANCE", default="", help="the instance to take it over")
+    add_config_option(mv)
+    mv.set_defaults(handler=main_move)
+
 
 def show_qr(code: str, out: TextIO, *, first: bool) -> None:
     import segno
@@ -169,10 +182,15 @@ def _age(iso: str | None) -> str:
 def render(accounts: list[dict[str, Any]]) -> str:
     if not accounts:
         return "no accounts; pair one with `wadaemon accounts add ID`"
-    lines = [f"{'ACCOUNT':<20} {'STATE':<13} {'PHONE':<16} {'LAST BACKUP':<12} LAST EVENT"]
+    leased = any(a.get("holder") is not None for a in accounts)
+    holder_head = f"{'HOLDER':<16} " if leased else ""
+    lines = [
+        f"{'ACCOUNT':<20} {'STATE':<13} {holder_head}{'PHONE':<16} {'LAST BACKUP':<12} LAST EVENT"
+    ]
     for a in accounts:
         wa = a.get("whatsapp") or {}
-        state = wa.get("state") or a["state"]
+        state = a["state"] if a["state"] == "passive" else wa.get("state") or a["state"]
+        holder = f"{a.get('holder') or '-':<16} " if leased else ""
         phone = f"+{wa['phone']}" if wa.get("phone") else "-"
         event = wa.get("last_event") or "-"
         if wa.get("last_event_at"):
@@ -180,7 +198,7 @@ def render(accounts: list[dict[str, Any]]) -> str:
         if wa.get("detail") and state not in ("connected",):
             event += f"; {wa['detail']}"
         lines.append(
-            f"{a['account']:<20} {state.replace('_', ' '):<13} {phone:<16} "
+            f"{a['account']:<20} {state.replace('_', ' '):<13} {holder}{phone:<16} "
             f"{_age(a.get('last_backup_at')):<12} {event}"
         )
     return "\n".join(lines)
@@ -242,4 +260,17 @@ def main_resolve(args: argparse.Namespace) -> int:
         raise WadaemonError(f"{account}: {body['result']}")
     moved = f"; the local copy is in {body['quarantined']}" if body.get("quarantined") else ""
     print(f"{account}: the backup is kept: {body['result']}{moved}")
+    return 0
+
+
+def main_move(args: argparse.Namespace) -> int:
+    account = validate_account_id(args.account)
+    config = load(args)
+    path = f"/accounts/{account}/move" + (f"?to={args.to}" if args.to else "")
+    status, body = ask(config, "POST", path, timeout=600)
+    if status != 200 or not isinstance(body, dict):
+        error = body.get("error") if isinstance(body, dict) else body
+        raise WadaemonError(str(error))
+    to = f" for {body['to']}" if body.get("to") else ""
+    print(f"{account}: handed over{to}: its client stopped here, its lease released")
     return 0

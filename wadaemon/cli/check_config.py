@@ -41,8 +41,29 @@ def check_backups(config: Config, store: Store, keyring: Keyring) -> tuple[str, 
     return f"{n} account{'s' if n != 1 else ''}, every head readable with the loaded keys", errors
 
 
+def messages_line(config: Config) -> str:
+    m = config.messages
+    if not (m.enabled and config.whatsapp.enabled):
+        return "off (they need whatsapp.enabled and messages.enabled)"
+    if config.backup.target == "firestore":
+        where = "Firestore (threads, outbox)"
+    else:
+        protected = " (backed up)" if config.backup.target == "directory" else ""
+        where = f"embedded store in {m.path}{protected}"
+    hook = f"webhook {m.webhook.url}, signed" if m.webhook.url else "no webhook"
+    media = f"media up to {m.media_max_mb} MiB" if m.download_media else "media not downloaded"
+    return (
+        f"{where}; journal {m.path}; sends {m.send_gap_seconds:g} s apart, "
+        f"{m.per_recipient_per_hour}/h per recipient; {media}; {hook}"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     config = load(args)
+    if config.messages.webhook.url:
+        from wadaemon.messages.webhooks import read_secret
+
+        read_secret(config.messages.webhook)  # ConfigError (78): the daemon could not sign
     keyring = keyring_for(config) if config.backup.target != "none" else None
     store = open_store(config)  # builds the client (credentials checked), no network call
     backups = ""
@@ -83,6 +104,17 @@ def main(args: argparse.Namespace) -> int:
         )
     else:
         print("  whatsapp        sidecar mode: no clients, protects the directories only")
+    if wa.enabled and config.backup.target == "firestore":
+        lease = config.leases
+        cap = config.instance.max_accounts
+        print(
+            f"  instance        {config.instance.id}: shares the accounts with the other "
+            f"instances of this project (leases: TTL {lease.ttl_seconds:g} s, renewed every "
+            f"{lease.renew_seconds:g} s; drives {f'at most {cap}' if cap else 'its fair share'})"
+        )
+    else:
+        print(f"  instance        {config.instance.id}: drives every account under sessions_path")
+    print(f"  messages        {messages_line(config)}")
     if keyring is not None:
         print(f"  encryption      {keyring.describe()}")
     if backups:

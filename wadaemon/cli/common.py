@@ -84,10 +84,13 @@ def daemon_hints(config_path: Path) -> DaemonHints:
     return DaemonHints(systemd, shlex.quote(str(config_path)), _program())
 
 
-def ask(config: Config, method: str, url: str, timeout: float = 30.0) -> tuple[int, Any]:
+def ask(
+    config: Config, method: str, url: str, timeout: float = 30.0, body: Any = None
+) -> tuple[int, Any]:
     """A request to the daemon of this configuration; if it is not running, say how to start
     it."""
-    return request(config.socket_path, method, url, timeout, hint=daemon_hints(config.path).start)
+    hint = daemon_hints(config.path).start
+    return request(config.socket_path, method, url, timeout, hint=hint, body=body)
 
 
 def ask_stream(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from wadaemon.config import Config
 from wadaemon.errors import ConfigError
 from wadaemon.store.base import (
+    Fenced,
     Head,
     HeadConflict,
     NotFound,
@@ -17,6 +18,7 @@ from wadaemon.store.directory import DirectoryStore
 
 __all__ = [
     "DirectoryStore",
+    "Fenced",
     "Head",
     "HeadConflict",
     "NotFound",

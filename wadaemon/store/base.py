@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from wadaemon.errors import WadaemonError
@@ -40,6 +40,11 @@ class HeadConflict(StoreError):
     """The head moved since it was read: another writer committed first."""
 
 
+class Fenced(HeadConflict):
+    """The writer's fencing token is lower than the account's: another instance acquired the
+    account's lease since this writer did, so this writer may not switch its head."""
+
+
 @dataclass(frozen=True)
 class Head:
     generation: int
@@ -55,19 +60,21 @@ class Head:
     # in heads written before heads were authenticated. Computed and checked by the replica:
     # stores keep it like any other field.
     mac: str = ""
+    # the lease token its writer held (Firestore with several instances); None without leases
+    token: int | None = None
 
     def __post_init__(self) -> None:
         if not self.history:
             object.__setattr__(self, "history", (self.generation,))
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps(vars(self), sort_keys=True).encode()  # the fields are plain values
 
     def mac_input(self, account: str) -> bytes:
         """What the head's MAC covers: the account id and every field but the MAC itself, as
         canonical JSON. A field added later is covered without further change; while it is None
         it is left out, so that the MACs of heads written before it existed still verify."""
-        fields = {k: v for k, v in asdict(self).items() if k != "mac" and v is not None}
+        fields = {k: v for k, v in vars(self).items() if k != "mac" and v is not None}
         canonical = json.dumps(
             {"account": account, "head": fields}, sort_keys=True, separators=(",", ":")
         )
@@ -85,6 +92,7 @@ class Head:
                 writer=str(raw["writer"]),
                 history=tuple(int(g) for g in raw.get("history", ())),
                 mac=str(raw.get("mac") or ""),
+                token=int(raw["token"]) if raw.get("token") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed head record: {exc!r}") from None
@@ -118,10 +126,15 @@ class Store(Protocol):
         """Where the account's head is kept, for messages that tell an operator to look at it."""
         ...
 
-    def switch_head(self, account: str, expected: int | None, head: Head) -> None:
+    def switch_head(
+        self, account: str, expected: int | None, head: Head, fence: int | None = None
+    ) -> None:
         """Set the head if its generation is still `expected` (None: no head yet).
 
-        Raises HeadConflict otherwise, and never moves a head to a lower generation.
+        Raises HeadConflict otherwise, and never moves a head to a lower generation. `fence` is
+        the writer's lease token (leases.py): a store that keeps leases raises Fenced, in the
+        same atomic step, when the account's token is higher (None: the writer holds no lease,
+        refused once the account is driven under leases). Stores without leases ignore it.
         """
         ...
 
@@ -130,6 +143,12 @@ class Store(Protocol):
     def write_piece(self, account: str, piece_id: str, blob: bytes) -> None: ...
 
     def read_piece(self, account: str, piece_id: str) -> bytes: ...
+
+    def read_pieces(self, account: str, piece_ids: Iterable[str]) -> dict[str, bytes]:
+        """The blobs of several pieces by id (an id given twice is read once), in as few round
+        trips as the backend allows. Raises what read_piece raises for the first missing or
+        damaged one: one such piece fails the whole call."""
+        ...
 
     def list_pieces(self, account: str) -> set[str]: ...
 

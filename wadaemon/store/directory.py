@@ -41,6 +41,7 @@ class DirectoryStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._mkdir_lock = threading.Lock()
+        self._swept: set[str] = set()  # accounts whose leftover temporary files were removed
 
     def describe(self) -> str:
         return f"directory {self.root}"
@@ -96,7 +97,11 @@ class DirectoryStore:
     @contextmanager
     def _commit_lock(self, account: str) -> Iterator[None]:
         with self._flock(account, ".commit.lock"):
-            self._sweep_temporary(account)
+            if account not in self._swept:
+                # once per process: a write of this process that fails removes its own
+                # temporary file, so only a writer that died can have left one
+                self._sweep_temporary(account)
+                self._swept.add(account)
             yield
 
     def account_lock(self, account: str) -> AbstractContextManager[None]:
@@ -136,7 +141,10 @@ class DirectoryStore:
     def head_location(self, account: str) -> str:
         return str(self.root / account / "HEAD.json")
 
-    def switch_head(self, account: str, expected: int | None, head: Head) -> None:
+    def switch_head(
+        self, account: str, expected: int | None, head: Head, fence: int | None = None
+    ) -> None:
+        # no leases here: one daemon per sessions directory (its lock); `fence` is not used
         with self._flock(account, ".head.lock"):
             current = self.read_head(account)
             check_head_switch(account, current, expected, head)
@@ -167,6 +175,10 @@ class DirectoryStore:
             raise NotFound(f"piece {piece_id[:16]}… is missing from {self.describe()}") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot read {path}: {exc.strerror}") from None
+
+    def read_pieces(self, account: str, piece_ids: Iterable[str]) -> dict[str, bytes]:
+        """One file each: a local read has no round trip to save."""
+        return {p: self.read_piece(account, p) for p in dict.fromkeys(piece_ids)}
 
     def list_pieces(self, account: str) -> set[str]:
         base = self.root / account / "pieces"

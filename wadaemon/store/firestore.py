@@ -41,6 +41,7 @@ from google.api_core.retry import Retry, if_transient_error
 from google.auth import exceptions as auth_exc
 from google.auth.credentials import Credentials
 from google.cloud.firestore_v1 import SERVER_TIMESTAMP, Client
+from google.cloud.firestore_v1 import base_client as _firestore_base_client
 from google.cloud.firestore_v1.collection import CollectionReference
 from google.cloud.firestore_v1.document import DocumentReference
 from google.cloud.firestore_v1.field_path import FieldPath
@@ -51,6 +52,7 @@ from wadaemon.config import EMULATOR_ENV, Config, firestore_credentials
 from wadaemon.errors import ConfigError
 from wadaemon.layout import is_account_id
 from wadaemon.store.base import (
+    Fenced,
     Head,
     HeadConflict,
     NotFound,
@@ -70,9 +72,11 @@ MANIFEST_PART_BYTES = 900 * 1024  # blob bytes per manifest document (the limit 
 BATCH_BYTES = 3 * 1024 * 1024
 BATCH_DOCS = 400  # documents per batched write
 GET_ALL_REFS = 300  # document references per batched read of small fields
+# pieces per batched read of their blobs: a piece holds at most 64 KiB, so about BATCH_BYTES
+GET_PIECES = 48
 WRITE_INTERVAL = 1.0  # seconds between two writes of one head, or of one account record
 CALL_TIMEOUT = 10.0  # seconds for one call
-UPLOAD_TIMEOUT = 60.0  # seconds for one batch of pieces or one manifest part
+UPLOAD_TIMEOUT = 60.0  # seconds for one batch of pieces (written or read), one manifest part
 RETRY = Retry(initial=0.25, maximum=2.0, multiplier=2.0, timeout=5.0, predicate=if_transient_error)
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
 
@@ -90,10 +94,51 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
 
 T = TypeVar("T")
 
+# gRPC waits up to 120 s between two attempts to reconnect a channel that failed; after a long
+# outage the daemon would then stay cut off for up to two minutes after Firestore is back (and
+# lease holders would renew late). Bound it to a few seconds. The Firestore library builds its
+# channels from these two module lists (production, emulator), read when a client connects.
+RECONNECT_MAX_S = 5.0
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", int(RECONNECT_MAX_S * 1000)),
+]
+for _options in (
+    getattr(_firestore_base_client, "_DEFAULT_CHANNEL_OPTIONS", None),
+    getattr(_firestore_base_client, "_GRPC_MSG_SIZE_OPTIONS", None),
+):
+    if isinstance(_options, list) and not any(k == _RECONNECT_OPTIONS[0][0] for k, _ in _options):
+        _options.extend(_RECONNECT_OPTIONS)
+
 
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _head_of(raw: dict[str, Any] | None) -> Head | None:
+    """The head a session document holds; None without one (no document, or a document that
+    holds only the lease fence of an account never backed up)."""
+    if raw is None or raw.get("generation") is None:
+        return None
+    return Head.from_dict(raw)
+
+
+def check_fence(account: str, stored: object, fence: int | None) -> None:
+    """Refuse a head switch by a writer whose lease token is below the account's fence."""
+    if stored is None or (fence is not None and fence >= int(str(stored))):
+        return
+    if fence is None:
+        raise Fenced(
+            f"{account}: its backups are written under leases (fencing token {stored}) and this "
+            "writer holds no lease: only the daemon instance that holds the account's lease "
+            "commits its backups (wadaemon accounts list shows which one)"
+        )
+    raise Fenced(
+        f"{account}: fencing token {fence} is below the account's {stored}: another instance "
+        "acquired its lease since this one did; nothing is committed"
+    )
 
 
 def _short(exc: BaseException) -> str:
@@ -205,29 +250,49 @@ class FirestoreStore:
     # --- accounts and heads -------------------------------------------------------------------
 
     def list_accounts(self) -> list[str]:
-        query = self.client.collection(self.prefix + SESSIONS).select([FieldPath.document_id()])
+        # a document without a generation holds only a lease fence (an account leased but
+        # never backed up): not a backup
+        query = self.client.collection(self.prefix + SESSIONS).select(["generation"])
         with self._call("listing the accounts"):
-            ids = [snap.id for snap in query.stream(retry=RETRY, timeout=CALL_TIMEOUT)]
-        self._count(reads=max(1, len(ids)))
+            snaps = list(query.stream(retry=RETRY, timeout=CALL_TIMEOUT))
+        self._count(reads=max(1, len(snaps)))
+        ids = [s.id for s in snaps if (s.to_dict() or {}).get("generation") is not None]
         return sorted(i for i in ids if is_account_id(i))
+
+    def active_accounts(self) -> list[str]:
+        """Accounts whose head is active (not logged out, not removed)."""
+        query = self.client.collection(self.prefix + SESSIONS).select(["generation", "state"])
+        with self._call("listing the active accounts"):
+            snaps = list(query.stream(retry=RETRY, timeout=CALL_TIMEOUT))
+        self._count(reads=max(1, len(snaps)))
+        found = [s.id for s in snaps if (s.to_dict() or {}).get("state") == "active"]
+        return sorted(i for i in found if is_account_id(i))
 
     def read_head(self, account: str) -> Head | None:
         with self._call(f"{account}: reading the head"):
             snap = self._session(account).get(retry=RETRY, timeout=CALL_TIMEOUT)
         self._count(reads=1)
-        return Head.from_dict(snap.to_dict() or {}) if snap.exists else None
+        return _head_of(snap.to_dict() if snap.exists else None)
 
     def head_location(self, account: str) -> str:
         return f"the document {self.prefix}{SESSIONS}/{account} in {self.describe()}"
 
-    def switch_head(self, account: str, expected: int | None, head: Head) -> None:
+    def switch_head(
+        self, account: str, expected: int | None, head: Head, fence: int | None = None
+    ) -> None:
+        """Compare-and-swap on the document's update time. The document also holds the
+        account's lease fence (the highest lease token issued, raised by every acquisition in
+        the same atomic write as the lease), so the token check and the swap are one step: an
+        acquisition after the read changes the update time and fails the write."""
         self._pace("head", account)
         ref = self._session(account)
         data = {**asdict(head), "history": list(head.history), "switched_at": SERVER_TIMESTAMP}
         with self._call(f"{account}: switching the head to generation {head.generation}"):
             snap = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
-            current = Head.from_dict(snap.to_dict() or {}) if snap.exists else None
+            raw = snap.to_dict() if snap.exists else None
+            check_fence(account, (raw or {}).get("fence"), fence)
+            current = _head_of(raw)
             check_head_switch(account, current, expected, head)
             try:
                 if snap.exists:
@@ -241,9 +306,13 @@ class FirestoreStore:
                 pass  # written by someone else since we read it, or by our own retried call
             finally:
                 self._wrote("head", account)
-            now = self.read_head(account)
+            again = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
+            self._count(reads=1)
+        raw = again.to_dict() if again.exists else None
+        now = _head_of(raw)
         if now is not None and asdict(now) == asdict(head):
             return  # the first attempt landed; its answer was lost
+        check_fence(account, (raw or {}).get("fence"), fence)
         raise HeadConflict(
             f"{account}: head is at generation {now.generation if now else None}, "
             f"expected {expected}"
@@ -307,6 +376,29 @@ class FirestoreStore:
         if not isinstance(blob, bytes):
             raise StoreDamaged(f"{account}: piece {piece_id[:16]}… has no blob field")
         return blob
+
+    def read_pieces(self, account: str, piece_ids: Iterable[str]) -> dict[str, bytes]:
+        """GET_PIECES documents per call (one round trip, the documents streamed back), instead
+        of one call per piece; errors as read_piece has them."""
+        self._send_pieces(account)
+        wanted = list(dict.fromkeys(piece_ids))
+        blobs: dict[str, bytes] = {}
+        for chunk in _chunks(wanted, GET_PIECES):
+            refs = [self._pieces(account).document(p) for p in chunk]
+            with self._call(f"{account}: reading {len(chunk)} pieces from {chunk[0][:16]}…"):
+                snaps = {
+                    s.id: s for s in self.client.get_all(refs, retry=RETRY, timeout=UPLOAD_TIMEOUT)
+                }
+            self._count(reads=len(refs))
+            for piece_id in chunk:
+                snap = snaps.get(piece_id)
+                if snap is None or not snap.exists:
+                    raise NotFound(f"piece {piece_id[:16]}… is missing from {self.describe()}")
+                blob = (snap.to_dict() or {}).get("blob")
+                if not isinstance(blob, bytes):
+                    raise StoreDamaged(f"{account}: piece {piece_id[:16]}… has no blob field")
+                blobs[piece_id] = blob
+        return blobs
 
     def list_pieces(self, account: str) -> set[str]:
         self._send_pieces(account)

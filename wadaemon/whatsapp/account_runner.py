@@ -29,7 +29,13 @@ from typing import Any, Protocol
 from wadaemon.config import WhatsAppConfig
 from wadaemon.errors import WadaemonError
 from wadaemon.state import AccountState, iso_time
-from wadaemon.whatsapp.client import ClientFactory, ConnectError, WhatsAppClient
+from wadaemon.whatsapp.client import (
+    ClientFactory,
+    ConnectError,
+    SendFailed,
+    Sent,
+    WhatsAppClient,
+)
 from wadaemon.whatsapp.pairing import Pairing
 from wadaemon.whatsapp.reachability import reachable
 from wadaemon.whatsapp.session_db import SESSION_DB, SessionInfo, phone_of, prepare_session
@@ -42,6 +48,7 @@ PROBE_RETRY_MAX_S = 30.0  # a probe costs nothing to repeat; a neonize connect c
 DISCONNECTED_RESTART_S = 600.0  # whatsmeow reconnects by itself; past this, restart the client
 RUNNING = ("connecting", "connected", "disconnected", "offline")
 PARKED = ("needs_qr", "logged_out", "replaced", "stopped")
+MESSAGE_EVENTS = ("Message", "Receipt", "HistorySync")
 
 
 class RunnerHost(Protocol):
@@ -67,6 +74,15 @@ class RunnerHost(Protocol):
     async def mark_head(self, account: str, state: str) -> None: ...
 
     def record(self, account: str, fields: dict[str, object]) -> None: ...
+
+    def message_event(self, account: str, event: Any) -> None:
+        """A Message, Receipt or HistorySync event: stored before anything else is done."""
+        ...
+
+    def stream_replaced(self, account: str) -> None:
+        """Another client took the session (with leases: is it the instance that took the
+        account's lease over, or a client outside the leases?)."""
+        ...
 
 
 def _name(event: Any) -> str:
@@ -116,6 +132,14 @@ class AccountRunner:
         if self._task is None or self._task.done():
             self._stopping = False
             self._task = asyncio.create_task(self._main(), name=f"whatsapp-{self.account}")
+
+    def resume_replaced(self) -> bool:
+        """Connect again after a replaced stream (the lease keeper's one more try)."""
+        if self.state != "replaced":
+            return False
+        self._set("connecting", "started again after its stream was replaced")
+        self._wake.set()
+        return True
 
     async def stop(self) -> None:
         """Stop the client for good (daemon shutdown, account removal)."""
@@ -367,6 +391,11 @@ class AccountRunner:
         st = self.st
         now = time.time()
         st.last_event, st.last_event_at = name, now
+        if name in MESSAGE_EVENTS:
+            try:
+                self.host.message_event(self.account, event)
+            except Exception:  # raised into the library's callback, it would vanish unseen
+                log.exception("%s: storing %s failed", self.account, name)
         handler = getattr(self, f"_ev_{name}", None)
         if handler is None:
             log.debug("%s: event %s", self.account, name)
@@ -439,16 +468,34 @@ class AccountRunner:
         self.st.last_message_at = time.time()
         self.host.record(self.account, {"lastMessageAt": iso_time(self.st.last_message_at)})
 
+    async def send_text(self, to: str, text: str, reply_to: str = "") -> Sent:
+        """Send through this account's client (the outbox calls this); raises SendFailed."""
+        client = self._client
+        if self.state in ("needs_qr", "logged_out"):
+            raise SendFailed(f"{self.account} is logged out of WhatsApp", "permanent")
+        if client is None or self.state != "connected":
+            raise SendFailed(f"{self.account} is not connected ({self.state})", "transient")
+        return await client.send_text(to, text, reply_to)
+
+    async def download(self, message: Any) -> bytes:
+        client = self._client
+        if client is None or self.state != "connected":
+            raise WadaemonError(f"{self.account} is not connected ({self.state})")
+        return await client.download(message)
+
     def _ev_StreamReplaced(self, event: Any) -> None:
         log.error(
             "%s: another client took over this session (stream replaced); not reconnecting, so "
-            "the two do not fight over it. Stop the other client, then `systemctl restart "
+            "the two do not fight over it. If this daemon holds the account's lease, the other "
+            "client runs outside the leases (another program, or a wadaemon instance with "
+            "another Firestore project or collection prefix): stop it, then `systemctl restart "
             "wadaemon`",
             self.account,
         )
         self._set("replaced", "another client took over the session")
         if self._client is not None:
             self._spawn(self._client.stop(), "stop")
+        self.host.stream_replaced(self.account)
 
     def _ev_TemporaryBan(self, event: Any) -> None:
         expire = max(1, int(event.Expire))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,6 +24,50 @@ CLIENT_FACTORY_ENV = "WADAEMON_WHATSAPP_CLIENT"  # "module:callable", for tests 
 
 class ConnectError(WadaemonError):
     """The client could not connect (network, server refusal); the caller retries."""
+
+
+class SendFailed(WadaemonError):
+    """A send that failed. `kind` says what a retry would do:
+    transient  nothing reached WhatsApp (not connected, refused, a server error): retry later;
+    permanent  it can never be sent as asked (invalid number, not on WhatsApp, logged out);
+    ambiguous  it may have been sent (the server's acknowledgement timed out): a retry could
+               send it twice.
+    """
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Sent:
+    id: str  # WhatsApp's message id
+    timestamp: float  # WhatsApp's, seconds since the epoch
+    chat: str  # the JID it went to
+
+
+PERMANENT_SEND_ERRORS = (
+    "not logged in",
+    "doesn't contain a device",
+    "logged out",
+    "invalid",
+    "not on whatsapp",
+    "no such",
+    "bad request",
+    "server returned error 4",
+)
+
+
+def classify_send_error(error: str) -> SendFailed:
+    """whatsmeow's error text (through neonize) as a SendFailed of the right kind."""
+    low = error.lower()
+    if any(w in low for w in ("timed out", "timeout", "deadline exceeded")):
+        kind = "ambiguous"  # the request may have reached the server
+    elif any(w in low for w in PERMANENT_SEND_ERRORS):
+        kind = "permanent"  # logged out, a bad recipient, the server refused it (4xx)
+    else:
+        kind = "transient"  # not connected, a server error (5xx), a refused connection
+    return SendFailed(error or "send failed", kind)
 
 
 class WhatsAppClient(Protocol):
@@ -47,6 +92,16 @@ class WhatsAppClient(Protocol):
         ...
 
     async def is_connected(self) -> bool: ...
+
+    async def download(self, message: Any) -> bytes:
+        """The media content of a message (the E2E Message of a neonize Message event);
+        WadaemonError if it cannot be had (expired on WhatsApp's servers, not connected)."""
+        ...
+
+    async def send_text(self, to: str, text: str, reply_to: str = "") -> Sent:
+        """Send a text message to a phone number (digits with country code) or a JID, quoting
+        the message `reply_to` of that chat if given. Raises SendFailed."""
+        ...
 
 
 ClientFactory = Callable[[str, Path, EventSink], WhatsAppClient]

@@ -16,12 +16,15 @@ Facts this module relies on (measured, see the neonize notes in the repository h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from wadaemon.whatsapp.client import ConnectError, EventSink
+from wadaemon.errors import WadaemonError
+from wadaemon.whatsapp.client import ConnectError, EventSink, SendFailed, Sent, classify_send_error
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ EVENT_NAMES = (
     "StreamError",
     "Disconnected",
     "Message",
+    "Receipt",
+    "HistorySync",
 )
 
 
@@ -64,10 +69,44 @@ def load_neonize(go_log_level: str) -> Any:
 
 
 # The Go library keeps its clients in plain maps that Neonize() and Stop() write and every other
-# call reads, from whichever thread calls; concurrent access is a fatal Go error that kills the
-# process. All calls into it go through this lock, and a client's start holds it until the Go
-# side has registered the client (its first callback) or gave up.
-_GO_LOCK = asyncio.Lock()
+# call reads, from whichever thread calls; a write concurrent with any access is a fatal Go error
+# that kills the process. Starts and stops take this lock alone (a client's start holds it until
+# the Go side has registered the client, or gave up); other calls share it, so that a send
+# waiting up to 75 s for the server's acknowledgement holds up no other account's send.
+
+
+class _SharedLock:
+    def __init__(self) -> None:
+        self._readers = 0
+        self._cond = asyncio.Condition()
+        self._writer = False
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
+            self._writer = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+_GO_LOCK = _SharedLock()
 START_WAIT_S = 60.0  # a dial that hangs ends with the Go side's own timeout well before
 
 
@@ -111,7 +150,7 @@ class NeonizeClient:
 
         self._stopping = False
         self._qr_seen = False
-        async with _GO_LOCK:
+        async with _GO_LOCK.alone():
             # events are dispatched onto this module-global loop, which the first connect() in
             # a process captures; point it at the running loop
             self._events_module.event_global_loop = asyncio.get_running_loop()
@@ -135,7 +174,7 @@ class NeonizeClient:
         task = self._task
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while task is not None and not task.done() and time.monotonic() < deadline:
-            async with _GO_LOCK:
+            async with _GO_LOCK.alone():
                 await self._client.stop()
             # a Stop() that ran before the Go side registered the client is lost: repeat it
             await asyncio.wait({task}, timeout=1.0)
@@ -153,17 +192,60 @@ class NeonizeClient:
 
     async def pair_phone(self, phone: str) -> str:
         self._require_running("request a pairing code")
-        async with _GO_LOCK:
+        async with _GO_LOCK.shared():
             code: str = await self._client.PairPhone(phone, show_push_notification=True)
         return code
 
     async def logout(self) -> None:
         self._require_running("log out")
-        async with _GO_LOCK:
+        async with _GO_LOCK.alone():
             await self._client.logout()
+
+    async def send_text(self, to: str, text: str, reply_to: str = "") -> Sent:
+        from neonize.exc import IsOnWhatsAppError, SendMessageError
+        from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import (
+            ContextInfo,
+            ExtendedTextMessage,
+        )
+        from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as E2EMessage
+        from neonize.utils.jid import build_jid
+
+        if not self._running:
+            raise SendFailed("the WhatsApp client is not running", "transient")
+        try:
+            if "@" in to:
+                user, _, server = to.partition("@")
+                target = build_jid(user, server)
+            else:
+                async with _GO_LOCK.shared():
+                    answers = await self._client.is_on_whatsapp(to)
+                if not answers or not answers[0].IsIn:
+                    raise SendFailed(f"{to} is not on WhatsApp", "permanent")
+                target = answers[0].JID
+            chat = f"{target.User}@{target.Server}"
+            context = ContextInfo(stanzaID=reply_to, participant=chat) if reply_to else None
+            message = E2EMessage(
+                extendedTextMessage=ExtendedTextMessage(text=text, contextInfo=context)
+            )
+            async with _GO_LOCK.shared():
+                response = await self._client.send_message(target, message)
+        except (SendMessageError, IsOnWhatsAppError) as exc:
+            raise classify_send_error(str(exc)) from None
+        return Sent(response.ID, float(response.Timestamp), chat)
+
+    async def download(self, message: Any) -> bytes:
+        from neonize.exc import DownloadError
+
+        self._require_running("download media")
+        try:
+            async with _GO_LOCK.shared():
+                data = await self._client.download_any(message)
+        except DownloadError as exc:
+            raise WadaemonError(f"{self.account}: cannot download the media: {exc}") from None
+        return bytes(data or b"")
 
     async def is_connected(self) -> bool:
         if not self._running:
             return False
-        async with _GO_LOCK:
+        async with _GO_LOCK.shared():
             return bool(await self._client.is_connected)
