@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Collection
@@ -223,9 +222,8 @@ class BackupEngine:
     ) -> tuple[Snapshot, CommitResult] | str:
         """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
         reason instead if `refuse` vetoed the snapshot."""
-        staging = self.layout.new_temp_dir("snapshot", account)
         descent = self.layout.lineage.read(account)  # before the snapshot: its directory's
-        try:
+        with self.layout.snapshot_staging("snapshot", account) as staging:
             started_ns = time.time_ns()
             snapshot = take_snapshot(
                 account,
@@ -250,8 +248,6 @@ class BackupEngine:
                     account, descent, g, d
                 ),
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         self.layout.lineage.record(account, commit.generation, descent.inode)
         # Stat keys that may stand for their file's content next time: not for a file modified
         # so shortly before it was read that a later write could keep the same stat (racy).

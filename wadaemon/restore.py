@@ -457,21 +457,19 @@ class Restorer:
             return RestoreOutcome(account, "kept", detail=detail, backed_up=head.generation)
         # taking over, an adopted copy proves nothing: only equal content keeps it
         claimed = None if takeover and descent.generation == ADOPTED else descent.generation
-        staging = self.layout.new_temp_dir("compare", account)
         try:
-            relation, head = self.replica.relation(
-                take_snapshot(account, self.layout.account_dir(account), staging),
-                claimed,
-                descent.pending,
-            )
+            with self.layout.snapshot_staging("compare", account) as staging:
+                relation, head = self.replica.relation(
+                    take_snapshot(account, self.layout.account_dir(account), staging),
+                    claimed,
+                    descent.pending,
+                )
         except WadaemonError as exc:
             return RestoreOutcome(
                 account,
                 "unchecked",
                 detail=f"{detail}, but it cannot be compared with the backup head: {exc}",
             )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         if head is None or relation in ("new", "ahead"):
             return RestoreOutcome(account, "kept", detail=detail)
         if relation == "same":

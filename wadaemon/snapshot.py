@@ -55,7 +55,7 @@ class Snapshot:
     """A private, consistent copy of one account directory, safe to read from this process."""
 
     account: str
-    root: Path
+    root: Path | None  # where copies not made in memory are (None: all are in memory)
     files: tuple[SnapshotFile, ...]
     warnings: tuple[str, ...]
     dirs: tuple[DirEntry, ...] = ()  # every directory, the account directory as "."
@@ -70,7 +70,11 @@ class Snapshot:
     def content(self, path: str) -> bytes:
         """The copied content of the file `path` (status "copied")."""
         copy = self.copies.get(path)
-        return copy if copy is not None else (self.root / path).read_bytes()
+        if copy is not None:
+            return copy
+        if self.root is None:
+            raise KeyError(f"{path}: no copy of it was made")
+        return (self.root / path).read_bytes()
 
     def piece(self, path: str, number: int) -> bytes:
         """Piece `number` of the file `path` captured by what changed (status "delta")."""
@@ -112,12 +116,13 @@ def _owner(raw: dict[str, Any]) -> Owner:
 def take_snapshot(
     account: str,
     source: Path,
-    dest: Path,
+    dest: Path | None,
     reuse: dict[str, StatKey] | None = None,
     since: dict[str, tuple[WalPosition, int]] | None = None,
     piece_size: int = 64 * 1024,
 ) -> Snapshot:
-    """Copy `source` consistently (in memory, or into the empty directory `dest`). Files whose
+    """Copy `source` consistently (in memory, or into the empty directory `dest` where the
+    worker cannot: see SessionsLayout.snapshot_staging). Files whose
     stat key still matches `reuse[path]` are not read: they come back with status "reused".
     Databases with a position in `since` ({path: (position, pages)}) come back as the pieces
     changed since (status "delta") when their WAL still tells."""
@@ -128,7 +133,7 @@ def take_snapshot(
         "piece_size": piece_size,
     }
     out, copies = POOL.call(
-        "snapshot", str(source), str(dest), options=options, timeout=WORKER_TIMEOUT_S
+        "snapshot", str(source), str(dest or ""), options=options, timeout=WORKER_TIMEOUT_S
     )
     files = tuple(
         SnapshotFile(
