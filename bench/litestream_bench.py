@@ -15,9 +15,10 @@ a first copy of every database (Litestream: until its first level-1 compaction, 
 the whole initial snapshot once), then start the writers, wait for each one's first commit,
 sample every second for the window (CPU of the replicator's process tree, RSS, bytes it wrote,
 files in the replica directory), then kill -9 the writers and the replicator at a random moment
-0-2 s after the window, restore every database (`litestream restore -o`, `wadaemon restore
-ACCOUNT --to DIR`) and compare the newest committed row with the newest restored one. Prints
-one table per N; asserts nothing.
+0-2 s after the window, restore every database (`litestream restore -o` for each, one after
+the other; wadaemon: its boot restore, `wadaemon run` on an empty sessions directory, timed to
+READY) and compare the newest committed row with the newest restored one. Prints one table per
+N; asserts nothing.
 """
 
 from __future__ import annotations
@@ -263,6 +264,10 @@ class Tool:
     def wait_first_copies(self) -> None:
         raise NotImplementedError
 
+    def restore_all(self, dest: Path) -> dict[str, Path]:
+        """Every database restored under dest/<account>/; their paths."""
+        return {a: self.restore(a, dest) for a in self.accounts}
+
     def kill(self) -> None:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
@@ -341,11 +346,33 @@ class Wadaemon(Tool):
         wait_until("wadaemon's first backups", ready, 600)
         time.sleep(1.0)
 
-    def restore(self, account: str, dest: Path) -> Path:
-        out = dest / account
-        cmd = [CLI, "restore", account, "--to", str(out), "--config", str(self.config)]
-        subprocess.run(cmd, check=False, capture_output=True)
-        return out / "session.db"
+    def restore_all(self, dest: Path) -> dict[str, Path]:
+        """The boot restore: `wadaemon run` on an empty sessions directory restores every
+        account (restore.parallelism at a time) before it says READY; timed until then."""
+        config = yaml.safe_load(self.config.read_text())
+        config["sessions_path"] = str(dest)
+        config["socket_path"] = str(self.base / "restore.sock")
+        path = self.base / "restore.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = self.base / "restore.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [CLI, "run", "--config", str(path)], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, start_new_session=True,
+            )  # fmt: skip
+        try:
+
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise SystemExit(f"wadaemon run exited:\n{log.read_text()[-2000:]}")
+                return " ready: " in log.read_text(errors="replace")
+
+            wait_until("wadaemon's boot restore", ready, 600, 0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return {a: dest / a / "session.db" for a in self.accounts}
 
 
 # --- one trial ------------------------------------------------------------------------------
@@ -422,7 +449,7 @@ def run_trial(tool: Tool, template: Path, seconds: float, work: Path) -> Trial:
     dest = tool.base / "restored"
     dest.mkdir()
     started = time.monotonic()
-    restored = {a: tool.restore(a, dest) for a in tool.accounts}
+    restored = tool.restore_all(dest)
     trial.restore_seconds = time.monotonic() - started
     for a in tool.accounts:
         committed = read_commits(tool.db(a), work)
@@ -556,8 +583,9 @@ against it). disk write_bytes / write(): /proc/PID/io of the replicator's tree
 (reaped children included); write_bytes is 0 where the kernel does not account block I/O.
 RSS: summed over the tree, sampled every second. Data lost: per database, seconds between the
 newest committed transaction and the newest restored one after kill -9 of the writers and the
-replicator at a random moment (p50/p99/max over all databases and trials). Medians (min-max) of
-the trials."""
+replicator at a random moment (p50/p99/max over all databases and trials). Restore all:
+Litestream's restores one after the other; wadaemon's boot restore to READY. Medians (min-max)
+of the trials."""
 
 
 def main() -> None:

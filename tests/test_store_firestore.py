@@ -22,6 +22,7 @@ from conftest import make_db, run_sql
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from firestore_emulator import Emulator
+from google.cloud.firestore_v1.batch import WriteBatch
 
 from wadaemon.backup import BackupEngine
 from wadaemon.config import load_config
@@ -123,6 +124,53 @@ def test_pieces_are_batched_and_looked_up_without_their_blobs(store: FirestoreSt
     with pytest.raises(NotFound, match="missing"):
         store.read_piece("a", "0" * 64)
     assert len(store.list_pieces("a")) == 59
+
+
+def test_a_switch_tries_the_version_it_read_and_reads_again_when_another_wrote(
+    firestore_emulator: Emulator, store: FirestoreStore
+) -> None:
+    store.write_interval = 0.0
+    other = FirestoreStore(firestore_emulator.project, write_interval=0.0)
+    try:
+        store.switch_head("a", None, head(1))
+        assert store.read_head("a") == head(1)
+        reads = store.counters["reads"]
+        store.switch_head("a", 1, head(2))  # on the version its own read saw: no read
+        store.switch_head("a", 2, head(3))  # on the version its own switch wrote: no read
+        assert store.counters["reads"] == reads
+        other.switch_head("a", 3, head(4, writer="other"))  # unknown to `store`
+        with pytest.raises(HeadConflict, match="head is at generation 4, expected 3"):
+            store.switch_head("a", 3, head(5))  # its version is stale: read again, refused
+        assert store.counters["reads"] > reads
+        store.switch_head("a", 4, head(5))
+        assert store.read_head("a") == head(5)
+        other.client.collection(fsmod.SESSIONS).document("a").update({"fence": 7})
+        with pytest.raises(fsmod.Fenced, match="below the account's 7"):
+            store.switch_head("a", 5, head(6), fence=3)  # a lease acquired since: refused
+        store.switch_head("a", 5, head(6), fence=7)
+        assert other.read_head("a") == head(6)
+    finally:
+        other.client.close()  # type: ignore[no-untyped-call]
+
+
+def test_pieces_ride_with_their_manifest_and_wait_for_the_next_one_if_it_collides(
+    firestore_emulator: Emulator, store: FirestoreStore
+) -> None:
+    other = FirestoreStore(firestore_emulator.project)
+    try:
+        assert other.create_manifest("a", 5, b"crashed writer's")
+        store.write_piece("a", "1" * 64, b"piece")
+        writes = store.counters["writes"]
+        assert store.create_manifest("a", 5, b"mine") is False
+        assert store.counters["writes"] == writes  # the batch failed whole: no piece written
+        assert other.missing_pieces("a", ["1" * 64]) == {"1" * 64}
+        assert store.create_manifest("a", 6, b"mine") is True  # one batch: piece and manifest
+        assert store.counters["writes"] == writes + 2
+        assert other.missing_pieces("a", ["1" * 64]) == set()
+        assert other.read_piece("a", "1" * 64) == b"piece"
+        assert other.read_manifest("a", 6) == b"mine"
+    finally:
+        other.client.close()  # type: ignore[no-untyped-call]
 
 
 def test_describe_names_project_database_and_emulator(
@@ -308,6 +356,10 @@ def test_20_mb_session_round_trips_and_a_one_row_change_costs_a_handful_of_write
         f"{store.counters['deletes'] - before['deletes']} deletes"
     )
     assert calls["create_manifest"] == 1 and calls["switch_head"] == 1
+    # the head, read once (the switch uses that read), and one lookup of the changed pieces
+    # (this database is not in WAL mode: it is read whole, and the store is asked about the
+    # pieces the head does not hold)
+    assert store.counters["reads"] - before["reads"] == 2
     assert calls["write_piece"] <= 3
     assert document_writes == calls["write_piece"] + 2 <= 5  # pieces, manifest, head
     assert uploaded < 600_000
@@ -359,18 +411,19 @@ def test_partly_written_manifest_is_invisible_and_its_parts_are_collected(
     assert s.engine.backup("bob").status == "created"
 
     # the writer dies after the extra parts of generation 2 and before its main document
-    real_create = fsmod.DocumentReference.create
+    # (created in a batch with the pieces)
+    real_create = WriteBatch.create
 
-    def die(ref: Any, *args: Any, **kwargs: Any) -> Any:
+    def die(batch: Any, ref: Any, *args: Any, **kwargs: Any) -> Any:
         if "/generations/" in ref.path:
             raise OSError("killed before the main manifest document")
-        return real_create(ref, *args, **kwargs)
+        return real_create(batch, ref, *args, **kwargs)
 
-    monkeypatch.setattr(fsmod.DocumentReference, "create", die)
+    monkeypatch.setattr(WriteBatch, "create", die)
     many_files(s.session("bob"), 40, "two")
     with pytest.raises(OSError, match="killed"):
         s.engine.backup("bob")
-    monkeypatch.setattr(fsmod.DocumentReference, "create", real_create)
+    monkeypatch.setattr(WriteBatch, "create", real_create)
     stale = parts_of(store, "bob", 2)
     assert stale  # the parts are there ...
     assert store.list_generations("bob") == [1]  # ... but no generation 2

@@ -332,8 +332,13 @@ class Replica:
             candidates = all_ids
             if head is not None and known is not None and known[0] == head.generation:
                 candidates = all_ids - known[1]
-            missing = self.store.missing_pieces(account, candidates) if candidates else set()
+            # pieces a delta read again hold pages written since its base: new to the store
+            # (or stored once more, with the same content), so nobody is asked about them
+            new = candidates & self._reread_ids(snapshot, copied)
+            asked = candidates - new
+            missing = self.store.missing_pieces(account, asked) if asked else set()
             lost = missing - fresh
+            missing |= new
             if lost:
                 raise StaleSnapshot(
                     f"{account}: {len(lost)} pieces of files carried from generation "
@@ -493,6 +498,16 @@ class Replica:
             else:
                 out.update(entry.pieces)
         return out
+
+    @staticmethod
+    def _reread_ids(snapshot: Snapshot, entries: dict[str, FileEntry]) -> set[str]:
+        """Ids of the pieces of databases captured by what changed that the snapshot read."""
+        return {
+            entries[f.path].pieces[n]
+            for f in snapshot.files
+            if f.status == "delta"
+            for n in f.pieces
+        }
 
     def _last_checked(
         self, account: str, old_history: tuple[int, ...], history: tuple[int, ...]

@@ -125,6 +125,17 @@ def _head_of(raw: dict[str, Any] | None) -> Head | None:
     return Head.from_dict(raw)
 
 
+def _same_head(raw: dict[str, Any] | None, head: Head) -> bool:
+    now = _head_of(raw)
+    return now is not None and asdict(now) == asdict(head)
+
+
+def _written(raw: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, Any]:
+    """The session document's fields after `data` was written over `raw` (server values
+    left out)."""
+    return {**(raw or {}), **{k: v for k, v in data.items() if v is not SERVER_TIMESTAMP}}
+
+
 def check_fence(account: str, stored: object, fence: int | None) -> None:
     """Refuse a head switch by a writer whose lease token is below the account's fence."""
     if stored is None or (fence is not None and fence >= int(str(stored))):
@@ -166,6 +177,9 @@ class FirestoreStore:
         self._lock = threading.Lock()
         self._account_locks: dict[str, threading.Lock] = {}
         self._unsent: dict[str, dict[str, bytes]] = {}  # pieces waiting for a batched write
+        # account -> (fields, update time) of its session document as this store last read or
+        # wrote it: a head switch tries that version first (see switch_head)
+        self._seen: dict[str, tuple[dict[str, Any], Any]] = {}
         self._next_write: dict[tuple[str, str], float] = {}  # (kind, account) -> monotonic time
         self._records: dict[str, dict[str, Any]] = {}  # account fields waiting for their second
         self._timers: dict[str, threading.Timer] = {}
@@ -272,7 +286,16 @@ class FirestoreStore:
         with self._call(f"{account}: reading the head"):
             snap = self._session(account).get(retry=RETRY, timeout=CALL_TIMEOUT)
         self._count(reads=1)
-        return _head_of(snap.to_dict() if snap.exists else None)
+        raw = snap.to_dict() if snap.exists else None
+        self._remember(account, raw, snap.update_time if snap.exists else None)
+        return _head_of(raw)
+
+    def _remember(self, account: str, raw: dict[str, Any] | None, update_time: Any) -> None:
+        with self._lock:
+            if raw is None or update_time is None:
+                self._seen.pop(account, None)
+            else:
+                self._seen[account] = (raw, update_time)
 
     def head_location(self, account: str) -> str:
         return f"the document {self.prefix}{SESSIONS}/{account} in {self.describe()}"
@@ -283,40 +306,88 @@ class FirestoreStore:
         """Compare-and-swap on the document's update time. The document also holds the
         account's lease fence (the highest lease token issued, raised by every acquisition in
         the same atomic write as the lease), so the token check and the swap are one step: an
-        acquisition after the read changes the update time and fails the write."""
+        acquisition after the read changes the update time and fails the write.
+
+        The version of the document this store last read or wrote (the commit's own read of
+        the head, or its previous switch) is tried first, without reading it again: the
+        precondition makes that as safe as a fresh read, and any write since (a lease
+        acquisition, another writer) sends the switch down the path that reads it again."""
         self._pace("head", account)
         ref = self._session(account)
         data = {**asdict(head), "history": list(head.history), "switched_at": SERVER_TIMESTAMP}
+        with self._lock:
+            seen = self._seen.pop(account, None)
         with self._call(f"{account}: switching the head to generation {head.generation}"):
+            if (
+                seen is not None
+                and self._allowed(account, seen[0], expected, head, fence)
+                and self._update(account, ref, seen, data)
+            ):
+                return
             snap = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
             raw = snap.to_dict() if snap.exists else None
+            if _same_head(raw, head):
+                self._remember(account, raw, snap.update_time)
+                return  # an earlier attempt landed; its answer was lost
             check_fence(account, (raw or {}).get("fence"), fence)
-            current = _head_of(raw)
-            check_head_switch(account, current, expected, head)
-            try:
-                if snap.exists:
-                    since = self.client.write_option(last_update_time=snap.update_time)
-                    ref.update(data, option=since, retry=RETRY, timeout=CALL_TIMEOUT)
-                else:
-                    ref.create(data, retry=RETRY, timeout=CALL_TIMEOUT)
-                self._count(writes=1)
+            check_head_switch(account, _head_of(raw), expected, head)
+            if raw is not None and self._update(account, ref, (raw, snap.update_time), data):
                 return
-            except (gexc.FailedPrecondition, gexc.AlreadyExists, gexc.NotFound):
-                pass  # written by someone else since we read it, or by our own retried call
-            finally:
-                self._wrote("head", account)
+            if raw is None:
+                try:
+                    result = ref.create(data, retry=RETRY, timeout=CALL_TIMEOUT)
+                    self._count(writes=1)
+                    self._remember(account, _written(raw, data), result.update_time)
+                    return
+                except gexc.AlreadyExists:
+                    pass  # created by someone else since we read it, or by our retried call
+                finally:
+                    self._wrote("head", account)
             again = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
         raw = again.to_dict() if again.exists else None
         now = _head_of(raw)
-        if now is not None and asdict(now) == asdict(head):
+        if _same_head(raw, head):
+            self._remember(account, raw, again.update_time)
             return  # the first attempt landed; its answer was lost
         check_fence(account, (raw or {}).get("fence"), fence)
         raise HeadConflict(
             f"{account}: head is at generation {now.generation if now else None}, "
             f"expected {expected}"
         )
+
+    @staticmethod
+    def _allowed(
+        account: str, raw: dict[str, Any], expected: int | None, head: Head, fence: int | None
+    ) -> bool:
+        """Whether the switch passes the fence and the compare-and-swap rule on `raw`."""
+        try:
+            check_fence(account, raw.get("fence"), fence)
+            check_head_switch(account, _head_of(raw), expected, head)
+        except StoreError:
+            return False  # perhaps stale: decided on a fresh read
+        return True
+
+    def _update(
+        self,
+        account: str,
+        ref: DocumentReference,
+        version: tuple[dict[str, Any], Any],
+        data: dict[str, Any],
+    ) -> bool:
+        """Write `data` if the document is still at `version` (fields, update time)."""
+        raw, update_time = version
+        try:
+            since = self.client.write_option(last_update_time=update_time)
+            result = ref.update(data, option=since, retry=RETRY, timeout=CALL_TIMEOUT)
+        except (gexc.FailedPrecondition, gexc.NotFound):
+            return False  # written by someone else since, or by our own retried call
+        finally:
+            self._wrote("head", account)
+        self._count(writes=1)
+        self._remember(account, _written(raw, data), result.update_time)
+        return True
 
     # --- pieces -------------------------------------------------------------------------------
 
@@ -418,11 +489,20 @@ class FirestoreStore:
     def create_manifest(self, account: str, generation: int, blob: bytes) -> bool:
         """Create-only. A blob larger than one document is cut into parts: the extra parts are
         written first under a fresh upload id, then the main document that counts them, so the
-        generation is visible only once complete and concurrent writers never mix parts."""
-        self._send_pieces(account)
+        generation is visible only once complete and concurrent writers never mix parts. The
+        pieces still queued go in the same atomic batch as the main document when they fit
+        (one call for a small change), else before it."""
         ref = self._generation(account, generation)
         size = MANIFEST_PART_BYTES
         parts = [blob[o : o + size] for o in range(0, len(blob), size)] or [b""]
+        with self._lock:
+            pieces = self._unsent.pop(account, {})
+        if (
+            sum(map(len, pieces.values())) + len(parts[0]) > BATCH_BYTES
+            or len(pieces) >= BATCH_DOCS
+        ):
+            self._commit_pieces(account, pieces)
+            pieces = {}
         upload = secrets.token_hex(8)
         what = f"{account}: creating the manifest of generation {generation}"
         with self._call(what):
@@ -437,16 +517,25 @@ class FirestoreStore:
                 "upload": upload,
                 "created_at": SERVER_TIMESTAMP,
             }
+            batch = self.client.batch()
+            for piece_id, piece in pieces.items():
+                batch.set(
+                    self._pieces(account).document(piece_id), {"blob": piece, "size": len(piece)}
+                )
+            batch.create(ref, main)
             try:
-                ref.create(main, retry=RETRY, timeout=CALL_TIMEOUT)
-                self._count(writes=1, bytes_written=len(parts[0]))
+                batch.commit(retry=RETRY, timeout=UPLOAD_TIMEOUT)
+                piece_bytes = sum(map(len, pieces.values()))
+                self._count(writes=len(pieces) + 1, bytes_written=len(parts[0]) + piece_bytes)
                 return True
             except gexc.AlreadyExists:
                 pass
             existing = ref.get(field_paths=["upload"], retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
             if existing.exists and (existing.to_dict() or {}).get("upload") == upload:
-                return True  # our own create, retried after it had landed
+                return True  # our own batch, retried after it had landed (pieces included)
+            with self._lock:  # nothing of the batch was written: the pieces go with the next
+                self._unsent[account] = {**pieces, **self._unsent.get(account, {})}
             self._delete_parts(ref, prefix=f"{upload}-")
         return False
 
