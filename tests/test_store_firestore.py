@@ -479,7 +479,9 @@ class ReplicaWithoutCollection(Replica):
     race below is about the head's compare-and-swap, so its writers do not collect.
     """
 
-    def _collect_after_commit(self, account: str, fell_off: tuple[int, ...]) -> GcResult:
+    def _collect_after_commit(
+        self, account: str, fell_off: tuple[int, ...], switched: Head
+    ) -> GcResult:
         return GcResult(skipped="collection disabled in this test")
 
 

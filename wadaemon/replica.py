@@ -374,7 +374,7 @@ class Replica:
                 history += self._last_checked(account, old_history, history)
             if before_switch is not None:
                 before_switch(generation, digest)
-            self._switch(
+            switched = self._switch(
                 account,
                 expected,
                 Head(generation, digest, key.key_id, "active", _now(), writer_name(), history),
@@ -385,7 +385,7 @@ class Replica:
             self._entries_of[account] = (generation, {e.path: e for e in entries})
             if trusted or not listed:
                 fell_off = tuple(g for g in old_history if g not in history)
-                collected = self._collect_after_commit(account, fell_off)
+                collected = self._collect_after_commit(account, fell_off, switched)
             else:
                 why = "missing" if head is None else "not authenticated"
                 log.warning(
@@ -661,17 +661,18 @@ class Replica:
         with self.store.account_lock(account):
             return self._collect_garbage_locked(account)
 
-    def _collect_after_commit(self, account: str, fell_off: tuple[int, ...]) -> GcResult:
+    def _collect_after_commit(
+        self, account: str, fell_off: tuple[int, ...], switched: Head
+    ) -> GcResult:
+        """Drop what fell off the history of `switched`, the head this commit just wrote and
+        authenticated (under the account lock: it is not read back)."""
         last_full = self._last_full_gc.get(account)
         if last_full is None or time.monotonic() - last_full > FULL_GC_EVERY_S:
             return self._collect_garbage_locked(account)
         if not fell_off:
             return GcResult()
-        head, skipped = self._head_for_collection(account)
-        if head is None:
-            return GcResult(skipped=skipped)
         try:
-            kept = set().union(*(self._pieces_in(account, g) for g in head.history))
+            kept = set().union(*(self._pieces_in(account, g) for g in switched.history))
             dropping = set().union(*(self._pieces_in(account, g) for g in fell_off))
         except WadaemonError as exc:
             msg = f"cannot read a generation ({exc}); no piece collected"
