@@ -6,6 +6,7 @@ starts, through the same client library production uses.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -126,29 +127,47 @@ def test_pieces_are_batched_and_looked_up_without_their_blobs(store: FirestoreSt
     assert len(store.list_pieces("a")) == 59
 
 
-def test_a_switch_tries_the_version_it_read_and_reads_again_when_another_wrote(
+def test_a_switch_tries_the_version_its_commit_read_and_reads_again_when_another_wrote(
     firestore_emulator: Emulator, store: FirestoreStore
 ) -> None:
     store.write_interval = 0.0
     other = FirestoreStore(firestore_emulator.project, write_interval=0.0)
+
+    def reads() -> int:
+        return store.counters["reads"]
+
     try:
         store.switch_head("a", None, head(1))
-        assert store.read_head("a") == head(1)
-        reads = store.counters["reads"]
-        store.switch_head("a", 1, head(2))  # on the version its own read saw: no read
-        store.switch_head("a", 2, head(3))  # on the version its own switch wrote: no read
-        assert store.counters["reads"] == reads
-        other.switch_head("a", 3, head(4, writer="other"))  # unknown to `store`
-        with pytest.raises(HeadConflict, match="head is at generation 4, expected 3"):
-            store.switch_head("a", 3, head(5))  # its version is stale: read again, refused
-        assert store.counters["reads"] > reads
-        store.switch_head("a", 4, head(5))
-        assert store.read_head("a") == head(5)
+        assert store.read_head("a", for_switch=True) == head(1)
+        before = reads()
+        store.switch_head("a", 1, head(2))  # on the version the commit's read saw: no read
+        assert reads() == before
+        assert store.read_head("a", for_switch=True) == head(2)
+        other.switch_head("a", 2, head(3, writer="other"))  # after that read
+        before = reads()
+        with pytest.raises(HeadConflict, match="head is at generation 3, active, expected generation 2"):
+            store.switch_head("a", 2, head(3))  # its version is stale: read again, refused
+        assert reads() == before + 1
+        assert store.read_head("a", for_switch=True) == head(3, writer="other")
         other.client.collection(fsmod.SESSIONS).document("a").update({"fence": 7})
         with pytest.raises(fsmod.Fenced, match="below the account's 7"):
-            store.switch_head("a", 5, head(6), fence=3)  # a lease acquired since: refused
-        store.switch_head("a", 5, head(6), fence=7)
-        assert other.read_head("a") == head(6)
+            store.switch_head("a", 3, head(4), fence=3)  # a lease acquired since: refused
+        assert store.read_head("a", for_switch=True) == head(3, writer="other")
+        store.switch_head("a", 3, head(4), fence=7)
+        assert other.read_head("a") == head(4)
+        # a state change at the same generation (a removal) is seen, though the generation is not
+        assert store.read_head("a", for_switch=True) == head(4)
+        removed = dataclasses.replace(head(4), state="removed")
+        other.switch_head("a", 4, removed, fence=7)
+        with pytest.raises(HeadConflict, match="generation 4, removed"):
+            store.switch_head("a", 4, head(5), fence=7)
+        assert other.read_head("a") == removed
+        # any other read leaves the switch to read the document itself
+        assert store.read_head("a", for_switch=True) == removed
+        assert store.read_head("a") == removed
+        before = reads()
+        store.switch_head("a", 4, head(5), fence=7)  # the store's own rule is the generation
+        assert reads() == before + 1
     finally:
         other.client.close()  # type: ignore[no-untyped-call]
 

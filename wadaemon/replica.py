@@ -284,7 +284,7 @@ class Replica:
         dirs = snapshot.dirs
 
         with self.store.account_lock(account):
-            head = self.store.read_head(account)
+            head = self.store.read_head(account, for_switch=True)
             trusted = head is not None and self._trust(account, head) == AUTHENTICATED
             # a head that cannot be authenticated (or is missing while generations remain) is
             # trusted for its generation number only: the new history comes from the listing

@@ -118,8 +118,12 @@ class Store(Protocol):
 
     def list_accounts(self) -> list[str]: ...
 
-    def read_head(self, account: str) -> Head | None:
-        """The stored head, as it is: the replica authenticates it (Replica.read_head)."""
+    def read_head(self, account: str, *, for_switch: bool = False) -> Head | None:
+        """The stored head, as it is: the replica authenticates it (Replica.read_head).
+
+        `for_switch`: read by a commit that switches the head only if it is still this one; a
+        store may keep the version it read, and its switch_head write on exactly that version
+        without reading it again (any write since fails the switch, which then reads again)."""
         ...
 
     def head_location(self, account: str) -> str:

@@ -127,7 +127,7 @@ class DirectoryStore:
             n for n in names if is_account_id(n) and (self.root / n / "HEAD.json").exists()
         )
 
-    def read_head(self, account: str) -> Head | None:
+    def read_head(self, account: str, *, for_switch: bool = False) -> Head | None:
         path = self.root / account / "HEAD.json"
         try:
             raw = json.loads(path.read_bytes())

@@ -125,15 +125,13 @@ def _head_of(raw: dict[str, Any] | None) -> Head | None:
     return Head.from_dict(raw)
 
 
+def _describe(head: Head | None) -> str:
+    return "no head" if head is None else f"generation {head.generation}, {head.state}"
+
+
 def _same_head(raw: dict[str, Any] | None, head: Head) -> bool:
     now = _head_of(raw)
     return now is not None and asdict(now) == asdict(head)
-
-
-def _written(raw: dict[str, Any] | None, data: dict[str, Any]) -> dict[str, Any]:
-    """The session document's fields after `data` was written over `raw` (server values
-    left out)."""
-    return {**(raw or {}), **{k: v for k, v in data.items() if v is not SERVER_TIMESTAMP}}
 
 
 def check_fence(account: str, stored: object, fence: int | None) -> None:
@@ -177,8 +175,8 @@ class FirestoreStore:
         self._lock = threading.Lock()
         self._account_locks: dict[str, threading.Lock] = {}
         self._unsent: dict[str, dict[str, bytes]] = {}  # pieces waiting for a batched write
-        # account -> (fields, update time) of its session document as this store last read or
-        # wrote it: a head switch tries that version first (see switch_head)
+        # account -> (fields, update time) of its session document as a commit read it
+        # (read_head for_switch): its head switch tries that version first (see switch_head)
         self._seen: dict[str, tuple[dict[str, Any], Any]] = {}
         self._next_write: dict[tuple[str, str], float] = {}  # (kind, account) -> monotonic time
         self._records: dict[str, dict[str, Any]] = {}  # account fields waiting for their second
@@ -282,12 +280,14 @@ class FirestoreStore:
         found = [s.id for s in snaps if (s.to_dict() or {}).get("state") == "active"]
         return sorted(i for i in found if is_account_id(i))
 
-    def read_head(self, account: str) -> Head | None:
+    def read_head(self, account: str, *, for_switch: bool = False) -> Head | None:
         with self._call(f"{account}: reading the head"):
             snap = self._session(account).get(retry=RETRY, timeout=CALL_TIMEOUT)
         self._count(reads=1)
         raw = snap.to_dict() if snap.exists else None
-        self._remember(account, raw, snap.update_time if snap.exists else None)
+        # a commit's own read is the version its decision rests on, which its switch tries; any
+        # other read leaves the next switch to read the document itself
+        self._remember(account, raw if for_switch else None, snap.update_time)
         return _head_of(raw)
 
     def _remember(self, account: str, raw: dict[str, Any] | None, update_time: Any) -> None:
@@ -308,10 +308,11 @@ class FirestoreStore:
         the same atomic write as the lease), so the token check and the swap are one step: an
         acquisition after the read changes the update time and fails the write.
 
-        The version of the document this store last read or wrote (the commit's own read of
-        the head, or its previous switch) is tried first, without reading it again: the
-        precondition makes that as safe as a fresh read, and any write since (a lease
-        acquisition, another writer) sends the switch down the path that reads it again."""
+        The version of the document the commit read (read_head for_switch) is tried first,
+        without reading it again: the precondition makes that as safe as a fresh read. Any
+        write since (a lease acquisition, another writer) sends the switch down the path that
+        reads it again, and a head that changed since that version is a conflict even at the
+        same generation (a state change), so the commit decides again on a fresh read."""
         self._pace("head", account)
         ref = self._session(account)
         data = {**asdict(head), "history": list(head.history), "switched_at": SERVER_TIMESTAMP}
@@ -321,24 +322,29 @@ class FirestoreStore:
             if (
                 seen is not None
                 and self._allowed(account, seen[0], expected, head, fence)
-                and self._update(account, ref, seen, data)
+                and self._update(account, ref, seen[1], data)
             ):
                 return
             snap = ref.get(retry=RETRY, timeout=CALL_TIMEOUT)
             self._count(reads=1)
             raw = snap.to_dict() if snap.exists else None
             if _same_head(raw, head):
-                self._remember(account, raw, snap.update_time)
                 return  # an earlier attempt landed; its answer was lost
+            if seen is not None and _head_of(raw) != _head_of(seen[0]):
+                # the head itself changed since the version the caller decided on (perhaps a
+                # state change at the same generation, which the generation check would miss)
+                raise HeadConflict(
+                    f"{account}: head is at {_describe(_head_of(raw))}, expected generation "
+                    f"{expected} as it was read: it changed since"
+                )
             check_fence(account, (raw or {}).get("fence"), fence)
             check_head_switch(account, _head_of(raw), expected, head)
-            if raw is not None and self._update(account, ref, (raw, snap.update_time), data):
+            if raw is not None and self._update(account, ref, snap.update_time, data):
                 return
             if raw is None:
                 try:
-                    result = ref.create(data, retry=RETRY, timeout=CALL_TIMEOUT)
+                    ref.create(data, retry=RETRY, timeout=CALL_TIMEOUT)
                     self._count(writes=1)
-                    self._remember(account, _written(raw, data), result.update_time)
                     return
                 except gexc.AlreadyExists:
                     pass  # created by someone else since we read it, or by our retried call
@@ -349,7 +355,6 @@ class FirestoreStore:
         raw = again.to_dict() if again.exists else None
         now = _head_of(raw)
         if _same_head(raw, head):
-            self._remember(account, raw, again.update_time)
             return  # the first attempt landed; its answer was lost
         check_fence(account, (raw or {}).get("fence"), fence)
         raise HeadConflict(
@@ -370,23 +375,17 @@ class FirestoreStore:
         return True
 
     def _update(
-        self,
-        account: str,
-        ref: DocumentReference,
-        version: tuple[dict[str, Any], Any],
-        data: dict[str, Any],
+        self, account: str, ref: DocumentReference, update_time: Any, data: dict[str, Any]
     ) -> bool:
-        """Write `data` if the document is still at `version` (fields, update time)."""
-        raw, update_time = version
+        """Write `data` if the document is still the version of `update_time`."""
         try:
             since = self.client.write_option(last_update_time=update_time)
-            result = ref.update(data, option=since, retry=RETRY, timeout=CALL_TIMEOUT)
+            ref.update(data, option=since, retry=RETRY, timeout=CALL_TIMEOUT)
         except (gexc.FailedPrecondition, gexc.NotFound):
             return False  # written by someone else since, or by our own retried call
         finally:
             self._wrote("head", account)
         self._count(writes=1)
-        self._remember(account, _written(raw, data), result.update_time)
         return True
 
     # --- pieces -------------------------------------------------------------------------------
