@@ -77,6 +77,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 DAY = 86400.0
 SAFETY_PASS_S = 300.0  # backup.interval_seconds default
 KEEP = 5  # backup.keep_generations default
+# keep_generations of the daemons the RPO is measured on: the bench's reader decrypts every new
+# head's marker after the fact, and a generation retention dropped before it was read would
+# count its messages against a later one (it fell behind at 100 accounts with the default 5)
+RPO_KEEP = 100
 # Firestore list prices assumed, USD, multi-region (nam5, eur3), Standard edition: per 100,000
 # document reads / writes / deletes, and per GiB stored per month: the multi-region figures of
 # Google's pricing documentation in the copies available when this was written (see
@@ -372,6 +376,7 @@ class Daemon:
         log_level: str = "warning",
         parallelism: int = 4,
         debounce: float | None = None,
+        keep: int | None = None,
     ) -> None:
         self.dir = base / f"daemon-{name}"
         self.dir.mkdir()
@@ -389,6 +394,8 @@ class Daemon:
         }
         if debounce is not None:
             config["backup"] = {"target": "firestore", "debounce_seconds": debounce}
+        if keep is not None:
+            config["backup"] = {**config["backup"], "keep_generations": keep}
         self.config_path = self.dir / "wadaemon.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.notify = NotifySocket(self.dir / "notify.sock")
@@ -1256,7 +1263,7 @@ def main() -> None:
         boot_rows += [phase_restore(b, sessions, project, p) for p in (4, 8)]
 
         say(f"daemon: boot with {n} healthy local sessions")
-        d = b.daemon("main", sessions, project)
+        d = b.daemon("main", sessions, project, keep=RPO_KEEP)
         idle_rows, boot_row = phase_idle(d, n, d.wait_ready(), idle_seconds)
         boot_rows.append(boot_row)
         say(f"RPO: {n} accounts, 1 message/s each, {rpo_seconds:.0f} s")
@@ -1268,7 +1275,7 @@ def main() -> None:
         sessions10, project10 = work / "sessions10", "demo-wadaemon-rpo10"
         for a in ten:
             shutil.copytree(seed / a, sessions10 / a)
-        d = b.daemon("rpo10", sessions10, project10)
+        d = b.daemon("rpo10", sessions10, project10, keep=RPO_KEEP)
         d.wait_ready()
         wait_until("the first backups", d.settled, 300, 0.5)
         rpo_10 = run_rpo(d, emulator, project10, b.keyring, ten, rpo_seconds, work)
@@ -1278,7 +1285,7 @@ def main() -> None:
         sessions_half, project_half = work / "sessions10-half", "demo-wadaemon-rpo10-half"
         for a in ten:
             shutil.copytree(seed / a, sessions_half / a)
-        d = b.daemon("rpo10-half", sessions_half, project_half, debounce=0.5)
+        d = b.daemon("rpo10-half", sessions_half, project_half, debounce=0.5, keep=RPO_KEEP)
         d.wait_ready()
         wait_until("the first backups", d.settled, 300, 0.5)
         rpo_half = run_rpo(d, emulator, project_half, b.keyring, ten, rpo_seconds, work)
@@ -1289,7 +1296,11 @@ def main() -> None:
                 "RPO: committed message -> the head that contains it (seconds)",
                 ("accounts", "window", "messages", "p50", "p99", "max", "notes"),
                 [rpo_row(rpo_10), rpo_row(rpo_n), rpo_row(rpo_half, 0.5)],
-                ["target: p99 < 2 s with the default 1 s debounce"],
+                [
+                    "target: p99 < 2 s with the default 1 s debounce; these daemons keep "
+                    f"{RPO_KEEP} generations (not the default {KEEP}) so that the bench reads "
+                    "every one"
+                ],
             )
         )
         out.append(
