@@ -145,7 +145,8 @@ def test_a_switch_tries_the_version_its_commit_read_and_reads_again_when_another
         assert store.read_head("a", for_switch=True) == head(2)
         other.switch_head("a", 2, head(3, writer="other"))  # after that read
         before = reads()
-        with pytest.raises(HeadConflict, match="head is at generation 3, active, expected generation 2"):
+        stale = "head is at generation 3, active, expected generation 2"
+        with pytest.raises(HeadConflict, match=stale):
             store.switch_head("a", 2, head(3))  # its version is stale: read again, refused
         assert reads() == before + 1
         assert store.read_head("a", for_switch=True) == head(3, writer="other")
