@@ -216,6 +216,7 @@ class AccountBackups:
         reupload = self._reupload.pop(account, frozenset())
         metrics = self.rt.metrics
         async with self._slots:
+            started_at = time.time()
             covered, st.pending_since = st.pending_since, None
             st.backup_started = time.monotonic()
             try:
@@ -270,6 +271,9 @@ class AccountBackups:
         st.last_error = ""
         first = st.last_backup_generation is None  # since this daemon started
         st.last_backup_at = time.time()
+        if result.commit is not None and result.commit.created and st.last_change_at is None:
+            # the snapshot found a change the watcher had not reported yet (a backup at once)
+            st.last_change_at = started_at
         st.last_backup_generation = result.generation
         self.settle(st)
         if result.commit is not None and result.commit.created:

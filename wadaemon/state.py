@@ -22,7 +22,8 @@ class AccountState:
     consecutive_failures: int = 0
     backup_started: float | None = None  # monotonic, while a backup runs
     pending_since: float | None = None  # monotonic, oldest change no backup has covered yet
-    last_change_at: float | None = None  # wall clock, the last change the watcher reported
+    # wall clock: the last change the watcher reported, or a backup found before it did
+    last_change_at: float | None = None
     last_restore: str = ""  # one line: the boot restore outcome
     last_restore_at: float | None = None
     # the last restore drill (verify.interval_hours): ok | failed | repaired ("" before the first)
