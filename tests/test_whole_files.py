@@ -14,6 +14,7 @@ import pytest
 from conftest import Env
 
 from wadaemon.backup import BackupEngine
+from wadaemon.errors import SnapshotError
 from wadaemon.keyring import Keyring
 from wadaemon.layout import SessionsLayout
 from wadaemon.replica import Replica, TornFile
@@ -190,3 +191,10 @@ def test_an_unchanged_file_is_not_read_again(tmp_path: Path, keyring: Keyring) -
     (acct / "creds.json").write_text('{"v": 3}')
     third = engine.backup("carol")
     assert third.generation == 4 and third.files_read == 300
+
+
+def test_a_copy_the_worker_did_not_send_is_a_snapshot_error() -> None:
+    # copies made in memory have no directory to fall back to: a missing one fails the backup
+    snapshot = Snapshot("alice", None, (SnapshotFile("creds.json", "file", Owner(0o600)),), ())
+    with pytest.raises(SnapshotError, match="sent no copy of it; the backup is retried"):
+        snapshot.content("creds.json")

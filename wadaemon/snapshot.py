@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wadaemon.errors import SnapshotError
 from wadaemon.manifest import DirEntry
 from wadaemon.worker_pool import POOL
 
@@ -73,7 +74,9 @@ class Snapshot:
         if copy is not None:
             return copy
         if self.root is None:
-            raise KeyError(f"{path}: no copy of it was made")
+            raise SnapshotError(
+                f"{path}: the snapshot worker sent no copy of it; the backup is retried"
+            )
         return (self.root / path).read_bytes()
 
     def piece(self, path: str, number: int) -> bytes:
