@@ -4,6 +4,8 @@ generation whose databases passed integrity_check."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sqlite3
 import subprocess
@@ -15,8 +17,10 @@ import pytest
 
 from wadaemon import backup as backup_module
 from wadaemon.backup import BackupEngine
+from wadaemon.errors import IntegrityError
 from wadaemon.keyring import Keyring
 from wadaemon.layout import SessionsLayout
+from wadaemon.manifest import Manifest
 from wadaemon.replica import Replica
 from wadaemon.restore import build_generation
 from wadaemon.store.directory import DirectoryStore
@@ -78,7 +82,8 @@ def test_every_generation_of_a_busy_database_restores_to_a_committed_prefix(
     deltas = [r for r in created[1:] if r.commit is not None]
     # a few rows change a few pages: a handful of the 48 pieces is uploaded, not the database
     uploads = sorted(r.commit.uploaded_pieces for r in deltas if r.commit is not None)
-    assert uploads[len(uploads) // 2] <= 4, uploads
+    # a few rows change a few pages: they ride in the manifest as patches, no piece is uploaded
+    assert uploads[len(uploads) // 2] == 0, uploads
     seen = 0
     for r in created:
         assert r.generation is not None
@@ -91,6 +96,7 @@ def test_every_generation_of_a_busy_database_restores_to_a_committed_prefix(
     manifests = [replica.load_manifest("alice", r.generation or 0) for r in created]
     assert manifests[0].checked  # the first capture reads the database whole and checks it
     assert sum(not m.checked for m in manifests) > 10  # the others read what changed
+    assert sum(bool(m.files[0].patches) for m in manifests) > 10
 
 
 def test_retention_keeps_the_newest_checked_generation(
@@ -124,3 +130,68 @@ def test_retention_keeps_the_newest_checked_generation(
     head = replica.read_head("alice")
     assert head is not None and head.history == (newest, *generations[::-1][:2])
     conn.close()
+
+
+def test_patched_generations_restore_exactly_as_the_database_grows_and_shrinks(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    engine, replica, db = setup(tmp_path, keyring, keep=100)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum=FULL")  # deletes shrink the file: the last pieces go
+    conn.execute("VACUUM")
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    engine.backup("alice")
+    expected: dict[int, list[tuple[int, bytes]]] = {}
+    steps = [("insert", 1)] * 6 + [("insert", 40), ("delete", 30), ("insert", 2), ("update", 3)]
+    steps += [("delete_filler", 2500), ("insert", 1), ("insert", 1)]
+    for op, n in steps:
+        if op == "insert":
+            conn.executemany("INSERT INTO t (v) VALUES (?)", [(os.urandom(700),)] * n)
+        elif op == "delete":
+            conn.execute("DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT ?)", (n,))
+        elif op == "update":
+            conn.execute("UPDATE t SET v = ? WHERE id IN (SELECT id FROM t LIMIT ?)", (b"x", n))
+        else:
+            conn.execute("DELETE FROM filler WHERE rowid <= ?", (n,))
+        result = engine.backup("alice")
+        assert result.status == "created" and result.generation is not None, result.line()
+        expected[result.generation] = list(conn.execute("SELECT id, v FROM t ORDER BY id"))
+    conn.close()
+    manifests = {g: replica.load_manifest("alice", g) for g in expected}
+    assert sum(bool(m.files[0].patches) for m in manifests.values()) >= 5
+    sizes = [m.size for m in manifests.values()]
+    assert sizes[-1] < max(sizes) - 1_000_000, sizes  # deleting the filler shrank it
+    for generation, rows in expected.items():
+        dest = tmp_path / f"restore-{generation}"
+        build_generation(replica, "alice", generation, dest, owners=False)
+        with sqlite3.connect(dest / "session.db") as c:
+            assert list(c.execute("SELECT id, v FROM t ORDER BY id")) == rows, generation
+
+
+def test_a_patch_that_does_not_rebuild_its_piece_fails_the_restore(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    engine, replica, db = setup(tmp_path, keyring, keep=10)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    engine.backup("alice")
+    conn.execute("INSERT INTO t (v) VALUES (?)", (b"row",))
+    generation = engine.backup("alice").generation
+    conn.close()
+    assert generation is not None
+    manifest = replica.load_manifest("alice", generation)
+    (entry,) = manifest.files
+    assert entry.patches and not replica.load_manifest("alice", generation - 1).files[0].patches
+    # the patched piece, rebuilt on another stored piece, does not hash to what was captured
+    patch = entry.patches[0]
+    other = next(p for p in entry.pieces if p != entry.pieces[patch.index])
+    pieces = list(entry.pieces)
+    pieces[patch.index] = other
+    bad = dataclasses.replace(entry, pieces=tuple(pieces))
+    with pytest.raises(IntegrityError, match=f"piece {patch.index} as patched"):
+        replica.write_file("alice", bad, tmp_path / "out.db")
+    # and a manifest whose patch does not decode is refused whole
+    raw = json.loads(manifest.to_bytes())
+    raw["files"][0]["patches"][0]["z"] = "not base64!"
+    with pytest.raises(IntegrityError, match="malformed"):
+        Manifest.from_bytes(json.dumps(raw).encode(), "alice", generation)

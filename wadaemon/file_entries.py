@@ -5,7 +5,9 @@ Files are cut into pieces of PIECE_SIZE bytes (a multiple of every SQLite page s
 are page-aligned and a change of a few pages rebuilds a few pieces). A file captured whole
 (status "copied") is cut here; a database captured by what changed (status "delta",
 wal_capture.py) keeps the pieces of its entry in the generation the capture was asked from and
-replaces those the worker read again.
+replaces those the worker read again: by a patch (the few pages written since the piece was
+stored, carried in the manifest) while the pages are few, else by the whole piece stored again.
+So a one-row change writes a manifest and a head, and no piece.
 
 SQLite databases get no whole-file SHA-256 (hashing a whole database for a one-row change cost
 more than the change): their content is fixed by their ordered piece ids, which are keyed
@@ -17,12 +19,13 @@ piece reuses it).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 
 from wadaemon.errors import WadaemonError
 from wadaemon.keyring import Key
-from wadaemon.manifest import FileEntry
+from wadaemon.manifest import FileEntry, PiecePatch
 from wadaemon.snapshot import Snapshot, SnapshotFile
 
 # A multiple of every SQLite page size (512 B to 64 KiB), so pieces are page-aligned. Smaller
@@ -32,6 +35,12 @@ PIECE_SIZE = 64 * 1024
 # SQLite header fields that differ between two copies of the same content (file change counter,
 # schema cookie, version-valid-for): masked when deciding whether anything changed.
 _SQLITE_VOLATILE = ((24, 28), (40, 44), (92, 96))
+# A piece read again becomes a patch (its changed pages in the manifest) while at most PATCH_MAX
+# bytes of its pages changed since it was stored, and while a file's patches hold at most
+# PATCHES_MAX bytes (which bounds the manifest: a Firestore document holds 1 MiB); past either, it
+# is stored whole again and its patch dropped.
+PATCH_MAX = PIECE_SIZE // 4
+PATCHES_MAX = 2 * PIECE_SIZE
 PIECES_SHA = "p:"  # content_sha made from piece ids (see sqlite_content_sha)
 
 
@@ -83,44 +92,98 @@ def copied_entry(key: Key, f: SnapshotFile, data: bytes) -> FileEntry:
 
 def delta_entry(key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot) -> FileEntry:
     """`base` with the pieces the worker read again replaced (and the count fitted to the new
-    size). Raises BaseMismatch if `base` is not what the delta was asked from."""
+    size). A piece whose changed pages are few becomes a patch of the stored piece it had
+    (PiecePatch: the pages ride in the manifest); others are stored whole again. Raises
+    BaseMismatch if `base` is not what the delta was asked from."""
     if base.kind != "sqlite" or base.piece_size not in (0, PIECE_SIZE):
         raise BaseMismatch(f"{f.path}: the stored entry is not a database cut in the same pieces")
     size = f.pages * f.page_size
     count = -(-size // PIECE_SIZE)
-    ids = list(base.pieces[:count]) + [""] * max(0, count - len(base.pieces))
+    stored = list(base.pieces[:count]) + [""] * max(0, count - len(base.pieces))
+    patches = {n: p for n, p in base.patch_of().items() if n < count}
     first = base.first_masked
+    dirty = _dirty_by_piece(f)
     for n in f.pieces:
         data = snapshot.piece(f.path, n)
-        ids[n] = key.piece_id(data)
+        content_id = key.piece_id(data)
         if n == 0:
             first = masked_first(key, data)
-    if "" in ids or (count and not first):
+        old = patches.pop(n, None)
+        patch = _patch(n, content_id, data, stored[n], old, dirty, f.page_size)
+        if patch is None:
+            stored[n] = content_id  # stored whole (again)
+        else:
+            patches[n] = patch
+    if sum(len(p.data) for p in patches.values()) > PATCHES_MAX:
+        for n in f.pieces:  # those read now can be stored whole: the rest stay under the cap
+            if n in patches:
+                stored[n] = patches.pop(n).content_id
+    if "" in stored or (count and not first):
         raise BaseMismatch(f"{f.path}: the delta does not cover the pieces its size needs")
-    return FileEntry(
+    entry = FileEntry(
         path=f.path,
         kind=f.kind,
         mode=f.owner.mode,
         size=size,
         sha256="",
-        pieces=tuple(ids),
+        pieces=tuple(stored),
         uid=f.owner.uid,
         gid=f.owner.gid,
-        content_sha=sqlite_content_sha(first, ids),
         checked=False,
         piece_size=PIECE_SIZE,
         first_masked=first,
+        patches=tuple(patches[n] for n in sorted(patches)),
     )
+    return dataclasses.replace(entry, content_sha=sqlite_content_sha(first, entry.content_ids()))
+
+
+def _dirty_by_piece(f: SnapshotFile) -> dict[int, set[int]] | None:
+    """The pages written since the capture's base, as page numbers within each piece; None if
+    the worker did not say (every piece read is then stored whole)."""
+    if f.dirty is None or not f.page_size:
+        return None
+    per_piece = PIECE_SIZE // f.page_size
+    out: dict[int, set[int]] = {}
+    for page in f.dirty:  # 1-based
+        out.setdefault((page - 1) // per_piece, set()).add((page - 1) % per_piece)
+    return out
+
+
+def _patch(
+    n: int,
+    content_id: str,
+    data: bytes,
+    stored_id: str,
+    old: PiecePatch | None,
+    dirty: dict[int, set[int]] | None,
+    page_size: int,
+) -> PiecePatch | None:
+    """Piece `n` (now `data`) as a patch of the piece stored for it, or None to store it whole:
+    a new piece, one equal to the stored one, or too many pages changed since it was stored."""
+    if dirty is None or not stored_id or content_id == stored_id:
+        return None
+    if old is not None and old.page_size != page_size:
+        return None
+    # pages written since the base, and those the base's patch already replaced (which hold
+    # every page past the stored piece's end): the stored piece is as it was stored
+    wanted = dirty.get(n, set()) | set(old.pages if old else ())
+    pages = sorted(p for p in wanted if (p + 1) * page_size <= len(data))
+    if len(pages) * page_size > PATCH_MAX or len(data) % page_size:
+        return None
+    body = b"".join(data[p * page_size : (p + 1) * page_size] for p in pages)
+    return PiecePatch(n, content_id, len(data), page_size, tuple(pages), body)
 
 
 def read_pieces(
     snapshot: Snapshot, f: SnapshotFile, entry: FileEntry
 ) -> Iterator[tuple[str, bytes]]:
-    """(id, content) of the pieces of `entry` the snapshot holds (all of a copied file, the
-    re-read ones of a delta)."""
+    """(id, content) of the pieces of `entry` to be stored that the snapshot holds (all of a
+    copied file, the re-read ones of a delta that did not become patches)."""
     if f.status == "delta":
+        patched = entry.patch_of()
         for n in f.pieces:
-            yield entry.pieces[n], snapshot.piece(f.path, n)
+            if n not in patched:
+                yield entry.pieces[n], snapshot.piece(f.path, n)
         return
     content = memoryview(snapshot.content(f.path))
     for n, piece_id in enumerate(entry.pieces):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,72 @@ FORMAT_VERSION = 1
 # ids alone (keyed hashes, each checked when the piece is read); written only by generations
 # that hold such a file, so that older versions still read every other generation
 PIECES_ONLY_FORMAT = 2
-READABLE_FORMATS = (FORMAT_VERSION, PIECES_ONLY_FORMAT)
+# format 3: databases with pieces patched by pages carried in the manifest (PiecePatch)
+PATCHED_FORMAT = 3
+READABLE_FORMATS = (FORMAT_VERSION, PIECES_ONLY_FORMAT, PATCHED_FORMAT)
+MAX_PATCH_BYTES = 1 << 20  # what a patch may inflate to (a piece is 64 KiB)
+
+
+@dataclass(frozen=True)
+class PiecePatch:
+    """Piece `index` of a database as a stored piece with some of its pages replaced.
+
+    A one-row change rewrites a few pages of one 64 KiB piece: the manifest carries those pages
+    (sealed with it) instead of a new piece. The entry's `pieces[index]` is then the stored piece
+    the pages apply to; `content_id` is the keyed hash of the piece as patched, checked when the
+    file is rebuilt. Every page past the stored piece's end up to `length` is in `pages`.
+    """
+
+    index: int
+    content_id: str
+    length: int  # bytes of the patched piece
+    page_size: int
+    pages: tuple[int, ...]  # page numbers within the piece (0-based), ascending
+    data: bytes  # those pages, in that order
+
+    def apply(self, stored: bytes) -> bytes:
+        out = bytearray(stored[: self.length])
+        out.extend(bytes(self.length - len(out)))
+        size = self.page_size
+        for k, page in enumerate(self.pages):
+            out[page * size : (page + 1) * size] = self.data[k * size : (k + 1) * size]
+        return bytes(out[: self.length])
+
+    def to_raw(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "content_id": self.content_id,
+            "length": self.length,
+            "page_size": self.page_size,
+            "pages": list(self.pages),
+            "z": base64.b64encode(zlib.compress(self.data, 1)).decode(),
+        }
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> PiecePatch:
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(base64.b64decode(raw["z"], validate=True), MAX_PATCH_BYTES)
+        except (zlib.error, ValueError) as exc:
+            raise ValueError(f"a patch does not decode: {exc}") from None
+        patch = cls(
+            index=int(raw["index"]),
+            content_id=str(raw["content_id"]),
+            length=int(raw["length"]),
+            page_size=int(raw["page_size"]),
+            pages=tuple(int(p) for p in raw["pages"]),
+            data=data,
+        )
+        size, pages = patch.page_size, patch.pages
+        if (
+            size <= 0
+            or len(data) != size * len(pages)
+            or list(pages) != sorted(set(pages))
+            or any(p < 0 or (p + 1) * size > patch.length for p in pages)
+            or not 0 < patch.length <= MAX_PATCH_BYTES
+        ):
+            raise ValueError(f"patch of piece {patch.index} is inconsistent")
+        return patch
 
 
 @dataclass(frozen=True)
@@ -39,6 +106,18 @@ class FileEntry:
     # SQLite: the keyed hash of the first piece with its volatile header fields masked (part of
     # content_sha, kept so that a capture that did not read the first piece again can reuse it)
     first_masked: str = ""
+    # SQLite: pieces stored as a stored piece plus pages (see PiecePatch), by ascending index
+    patches: tuple[PiecePatch, ...] = ()
+
+    def patch_of(self) -> dict[int, PiecePatch]:
+        return {p.index: p for p in self.patches}
+
+    def content_ids(self) -> list[str]:
+        """The keyed hash of each piece of the content (a patched piece's as patched)."""
+        ids = list(self.pieces)
+        for p in self.patches:
+            ids[p.index] = p.content_id
+        return ids
 
     def same_content_sha(self) -> str:
         return self.content_sha or ("" if self.kind == "sqlite" else self.sha256)
@@ -78,9 +157,11 @@ class Manifest:
     def to_bytes(self) -> bytes:
         # by hand: dataclasses.asdict deep-copies every field (a few ms per generation)
         raw: dict[str, Any] = dict(vars(self))
-        raw["files"] = [vars(f) for f in self.files]
+        raw["files"] = [_file_raw(f) for f in self.files]
         raw["dirs"] = [vars(d) for d in self.dirs]
-        if any(not f.sha256 for f in self.files):
+        if any(f.patches for f in self.files):
+            raw["format"] = PATCHED_FORMAT
+        elif any(not f.sha256 for f in self.files):
             raw["format"] = PIECES_ONLY_FORMAT
         return json.dumps(raw, separators=(",", ":"), sort_keys=True).encode()
 
@@ -107,6 +188,7 @@ class Manifest:
                     checked=bool(f.get("checked", True)),
                     piece_size=int(f.get("piece_size", 0)),
                     first_masked=str(f.get("first_masked", "")),
+                    patches=tuple(PiecePatch.from_raw(p) for p in f.get("patches", ())),
                 )
                 for f in raw["files"]
             )
@@ -131,11 +213,23 @@ class Manifest:
                 f"manifest says account {manifest.account!r} generation {manifest.generation}, "
                 f"expected {account!r} generation {generation}"
             )
+        for f in files:
+            if any(not 0 <= p.index < len(f.pieces) for p in f.patches):
+                raise IntegrityError(f"manifest patches a piece {f.path} does not have")
         for path in [f.path for f in files] + [d.path for d in dirs if d.path != "."]:
             parts = path.split("/")
             if path.startswith("/") or ".." in parts or "" in parts or "." in parts:
                 raise IntegrityError(f"manifest holds an unsafe path {path!r}")
         return manifest
+
+
+def _file_raw(f: FileEntry) -> dict[str, Any]:
+    raw = dict(vars(f))
+    if f.patches:
+        raw["patches"] = [p.to_raw() for p in f.patches]
+    else:
+        del raw["patches"]
+    return raw
 
 
 def _opt_int(value: Any) -> int | None:

@@ -45,7 +45,7 @@ from wadaemon.file_entries import (
 from wadaemon.file_kinds import OTHER, kind_of
 from wadaemon.keyring import Keyring, blob_key_id
 from wadaemon.lineage import ADOPTED, Descent
-from wadaemon.manifest import FileEntry, Manifest
+from wadaemon.manifest import FileEntry, Manifest, PiecePatch
 from wadaemon.snapshot import Snapshot
 from wadaemon.store.base import Head, NotFound, Store, StoreError, StoreUnavailable
 
@@ -494,7 +494,8 @@ class Replica:
         for path, entry in entries.items():
             f = by_path[path]
             if f.status == "delta":
-                out.update(entry.pieces[n] for n in f.pieces)
+                patched = entry.patch_of()
+                out.update(entry.pieces[n] for n in f.pieces if n not in patched)
             else:
                 out.update(entry.pieces)
         return out
@@ -507,6 +508,7 @@ class Replica:
             for f in snapshot.files
             if f.status == "delta"
             for n in f.pieces
+            if n not in entries[f.path].patch_of()
         }
 
     def _last_checked(
@@ -819,12 +821,17 @@ class Replica:
         return damaged
 
     def write_file(self, account: str, entry: FileEntry, dest: Path) -> None:
-        """Rebuild one file from its pieces, checking size and SHA-256."""
+        """Rebuild one file from its pieces and patches, checking size and SHA-256 (a patched
+        piece: the keyed hash of the piece as patched)."""
         digest = hashlib.sha256()
         size = 0
+        patches = entry.patch_of()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for data in self.read_pieces(account, entry.pieces):
+            for n, data in enumerate(self.read_pieces(account, entry.pieces)):
+                patch = patches.get(n)
+                if patch is not None:
+                    data = self._patched(entry, patch, data)
                 digest.update(data)
                 size += len(data)
                 out.write(data)
@@ -837,6 +844,16 @@ class Replica:
                 f"({size} bytes, expected {entry.size}; SHA-256 mismatch)"
             )
         os.chmod(dest, entry.mode & 0o7777)
+
+    def _patched(self, entry: FileEntry, patch: PiecePatch, stored: bytes) -> bytes:
+        data = patch.apply(stored)
+        # made with the key that was current at the commit, which sealed the manifest
+        if not any(k.piece_id(data) == patch.content_id for k in self.keyring.by_id.values()):
+            raise IntegrityError(
+                f"{entry.path}: piece {patch.index} as patched does not hold what the manifest "
+                "says; this generation cannot be restored, an older one can"
+            )
+        return data
 
     def generations(self, account: str) -> list[GenerationInfo]:
         head = self.read_head(account)

@@ -44,6 +44,9 @@ class SnapshotFile:
     pages: int = 0
     page_size: int = 0
     pieces: tuple[int, ...] = ()
+    # status "delta": the pages (1-based) in `pieces` written since the capture's base, those
+    # past its end included; None: not said (each piece read is then stored whole)
+    dirty: tuple[int, ...] | None = None
     checked: bool = True  # passed integrity_check (a database read whole)
 
     @property
@@ -150,6 +153,7 @@ def take_snapshot(
             pages=int(f.get("pages", 0)),
             page_size=int(f.get("page_size", 0)),
             pieces=tuple(int(k) for k in f.get("pieces", ())),
+            dirty=tuple(int(p) for p in f["dirty"]) if f.get("dirty") is not None else None,
             checked=bool(f.get("checked", True)),
         )
         for f in out["files"]

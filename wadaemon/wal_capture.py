@@ -145,5 +145,18 @@ def _read(
     pieces = {k for k in pieces if k * per_piece < reader.pages}
     payloads = {str(k): reader.span(k * per_piece + 1, per_piece) for k in sorted(pieces)}
     devices = reader.rows_in(device_root[0]) if device_root else None
-    delta = {"status": "delta", "checked": False, "devices": devices, "pieces": sorted(pieces)}
+    # the pages of those pieces that differ from the base: written since, or past its end
+    dirty = sorted(
+        p
+        for k in pieces
+        for p in range(k * per_piece + 1, min((k + 1) * per_piece, reader.pages) + 1)
+        if p in changed or p > base_pages
+    )
+    delta = {
+        "status": "delta",
+        "checked": False,
+        "devices": devices,
+        "pieces": sorted(pieces),
+        "dirty": dirty,
+    }
     return fields | delta, payloads
