@@ -82,8 +82,10 @@ def test_every_generation_of_a_busy_database_restores_to_a_committed_prefix(
     deltas = [r for r in created[1:] if r.commit is not None]
     # a few rows change a few pages: a handful of the 48 pieces is uploaded, not the database
     uploads = sorted(r.commit.uploaded_pieces for r in deltas if r.commit is not None)
-    # a few rows change a few pages: they ride in the manifest as patches, no piece is uploaded
-    assert uploads[len(uploads) // 2] == 0, uploads
+    # a few rows change a few pages: those pages are stored (one page set), not their pieces
+    assert uploads[len(uploads) // 2] <= 1, uploads
+    sent = sorted(r.commit.uploaded_bytes for r in deltas if r.commit is not None)
+    assert sent[len(sent) // 2] < 32 * 1024, sent
     seen = 0
     for r in created:
         assert r.generation is not None
@@ -190,8 +192,42 @@ def test_a_patch_that_does_not_rebuild_its_piece_fails_the_restore(
     bad = dataclasses.replace(entry, pieces=tuple(pieces))
     with pytest.raises(IntegrityError, match=f"piece {patch.index} as patched"):
         replica.write_file("alice", bad, tmp_path / "out.db")
-    # and a manifest whose patch does not decode is refused whole
+    # a page set that lost pages fails it too
+    short = dataclasses.replace(entry, pagesets=(entry.pieces[0],) * len(entry.pagesets))
+    with pytest.raises(IntegrityError, match=f"piece {patch.index}"):
+        replica.write_file("alice", short, tmp_path / "out2.db")
+    # and a manifest whose patch names a page set it does not list is refused whole
     raw = json.loads(manifest.to_bytes())
-    raw["files"][0]["patches"][0]["z"] = "not base64!"
+    raw["files"][0]["patches"][0]["layers"][0][0] = len(entry.pagesets)
     with pytest.raises(IntegrityError, match="malformed"):
         Manifest.from_bytes(json.dumps(raw).encode(), "alice", generation)
+
+
+def test_retention_keeps_the_page_sets_kept_generations_use_and_drops_the_rest(
+    tmp_path: Path, keyring: Keyring
+) -> None:
+    engine, replica, db = setup(tmp_path, keyring, keep=2)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    engine.backup("alice")
+    rows: dict[int, list[tuple[int, bytes]]] = {}
+    for i in range(14):
+        conn.execute("INSERT INTO t (v) VALUES (?)", (os.urandom(300),))
+        conn.execute("UPDATE filler SET v = ? WHERE rowid = ?", (os.urandom(1000), 1 + i * 211))
+        generation = engine.backup("alice").generation
+        assert generation is not None
+        rows[generation] = list(conn.execute("SELECT id, v FROM t ORDER BY id"))
+    conn.close()
+    replica.collect_garbage("alice")
+    head = replica.read_head("alice")
+    assert head is not None
+    kept = [replica.load_manifest("alice", g) for g in head.history]
+    assert any(m.files[0].pagesets for m in kept)
+    used = set().union(*(f.stored_ids() for m in kept for f in m.files))
+    assert replica.store.list_pieces("alice") == used  # nothing else is left, nothing is missing
+    for m in kept:
+        if m.generation in rows:
+            dest = tmp_path / f"restore-{m.generation}"
+            build_generation(replica, "alice", m.generation, dest, owners=False)
+            with sqlite3.connect(dest / "session.db") as c:
+                assert list(c.execute("SELECT id, v FROM t ORDER BY id")) == rows[m.generation]

@@ -6,8 +6,8 @@ are page-aligned and a change of a few pages rebuilds a few pieces). A file capt
 (status "copied") is cut here; a database captured by what changed (status "delta",
 wal_capture.py) keeps the pieces of its entry in the generation the capture was asked from and
 replaces those the worker read again: by a patch (the few pages written since the piece was
-stored, carried in the manifest) while the pages are few, else by the whole piece stored again.
-So a one-row change writes a manifest and a head, and no piece.
+stored, in small page sets, one per commit) while the pages are few, else by the whole piece
+stored again. So a one-row change stores the pages it wrote, not the 64 KiB pieces holding them.
 
 SQLite databases get no whole-file SHA-256 (hashing a whole database for a one-row change cost
 more than the change): their content is fixed by their ordered piece ids, which are keyed
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 from wadaemon.errors import WadaemonError
 from wadaemon.keyring import Key
-from wadaemon.manifest import FileEntry, PiecePatch
+from wadaemon.manifest import FileEntry, Layer, PiecePatch
 from wadaemon.snapshot import Snapshot, SnapshotFile
 
 # A multiple of every SQLite page size (512 B to 64 KiB), so pieces are page-aligned. Smaller
@@ -35,12 +35,11 @@ PIECE_SIZE = 64 * 1024
 # SQLite header fields that differ between two copies of the same content (file change counter,
 # schema cookie, version-valid-for): masked when deciding whether anything changed.
 _SQLITE_VOLATILE = ((24, 28), (40, 44), (92, 96))
-# A piece read again becomes a patch (its changed pages in the manifest) while at most PATCH_MAX
-# bytes of its pages changed since it was stored, and while a file's patches hold at most
-# PATCHES_MAX bytes (which bounds the manifest: a Firestore document holds 1 MiB); past either, it
-# is stored whole again and its patch dropped.
-PATCH_MAX = PIECE_SIZE // 4
-PATCHES_MAX = 2 * PIECE_SIZE
+# A piece read again becomes a patch (see PiecePatch) while at most PATCH_MAX bytes of its pages
+# changed since it was stored, over at most MAX_LAYERS commits (what a restore reads, and the
+# manifest carries, for it); past either, it is stored whole again and its patch dropped.
+PATCH_MAX = PIECE_SIZE // 2
+MAX_LAYERS = 8
 PIECES_SHA = "p:"  # content_sha made from piece ids (see sqlite_content_sha)
 
 
@@ -90,11 +89,14 @@ def copied_entry(key: Key, f: SnapshotFile, data: bytes) -> FileEntry:
     )
 
 
-def delta_entry(key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot) -> FileEntry:
+def delta_entry(
+    key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot
+) -> tuple[FileEntry, dict[str, bytes]]:
     """`base` with the pieces the worker read again replaced (and the count fitted to the new
-    size). A piece whose changed pages are few becomes a patch of the stored piece it had
-    (PiecePatch: the pages ride in the manifest); others are stored whole again. Raises
-    BaseMismatch if `base` is not what the delta was asked from."""
+    size), and the page set to store with it ({id: content}, or none). A piece whose pages
+    changed since it was stored are few, over few commits, becomes a patch of the stored piece
+    (PiecePatch): the pages this commit wrote go into the page set; others are stored whole
+    again. Raises BaseMismatch if `base` is not what the delta was asked from."""
     if base.kind != "sqlite" or base.piece_size not in (0, PIECE_SIZE):
         raise BaseMismatch(f"{f.path}: the stored entry is not a database cut in the same pieces")
     size = f.pages * f.page_size
@@ -103,23 +105,34 @@ def delta_entry(key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot) 
     patches = {n: p for n, p in base.patch_of().items() if n < count}
     first = base.first_masked
     dirty = _dirty_by_piece(f)
+    new_set = len(base.pagesets)  # the index this commit's page set gets
+    written: list[bytes] = []  # its pages
     for n in f.pieces:
         data = snapshot.piece(f.path, n)
         content_id = key.piece_id(data)
         if n == 0:
             first = masked_first(key, data)
         old = patches.pop(n, None)
-        patch = _patch(n, content_id, data, stored[n], old, dirty, f.page_size)
-        if patch is None:
+        layers = _layers(n, content_id, data, stored[n], old, dirty, f.page_size)
+        if layers is None:
             stored[n] = content_id  # stored whole (again)
-        else:
-            patches[n] = patch
-    if sum(len(p.data) for p in patches.values()) > PATCHES_MAX:
-        for n in f.pieces:  # those read now can be stored whole: the rest stay under the cap
-            if n in patches:
-                stored[n] = patches.pop(n).content_id
+            continue
+        assert dirty is not None  # else no layers
+        pages = tuple(sorted(p for p in dirty.get(n, ()) if (p + 1) * f.page_size <= len(data)))
+        if pages:
+            size_ = f.page_size
+            layers.append(Layer(new_set, len(written), pages))
+            written.extend(data[p * size_ : (p + 1) * size_] for p in pages)
+        patches[n] = PiecePatch(n, content_id, len(data), f.page_size, tuple(layers))
     if "" in stored or (count and not first):
         raise BaseMismatch(f"{f.path}: the delta does not cover the pieces its size needs")
+    made: dict[str, bytes] = {}
+    sets = list(base.pagesets)
+    if written:
+        content = b"".join(written)
+        sets.append(key.piece_id(content))
+        made[sets[-1]] = content
+    kept, pagesets = _referenced(patches, sets)
     entry = FileEntry(
         path=f.path,
         kind=f.kind,
@@ -132,9 +145,11 @@ def delta_entry(key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot) 
         checked=False,
         piece_size=PIECE_SIZE,
         first_masked=first,
-        patches=tuple(patches[n] for n in sorted(patches)),
+        patches=kept,
+        pagesets=pagesets,
     )
-    return dataclasses.replace(entry, content_sha=sqlite_content_sha(first, entry.content_ids()))
+    entry = dataclasses.replace(entry, content_sha=sqlite_content_sha(first, entry.content_ids()))
+    return entry, {i: c for i, c in made.items() if i in pagesets}
 
 
 def _dirty_by_piece(f: SnapshotFile) -> dict[int, set[int]] | None:
@@ -149,7 +164,7 @@ def _dirty_by_piece(f: SnapshotFile) -> dict[int, set[int]] | None:
     return out
 
 
-def _patch(
+def _layers(
     n: int,
     content_id: str,
     data: bytes,
@@ -157,21 +172,46 @@ def _patch(
     old: PiecePatch | None,
     dirty: dict[int, set[int]] | None,
     page_size: int,
-) -> PiecePatch | None:
-    """Piece `n` (now `data`) as a patch of the piece stored for it, or None to store it whole:
-    a new piece, one equal to the stored one, or too many pages changed since it was stored."""
-    if dirty is None or not stored_id or content_id == stored_id:
+) -> list[Layer] | None:
+    """The layers of the patch of piece `n` (now `data`) that stay, before this commit's pages
+    are laid over them; None to store the piece whole: a new piece, one equal to the stored one,
+    or too many pages or commits since it was stored."""
+    if dirty is None or not stored_id or content_id == stored_id or len(data) % page_size:
         return None
     if old is not None and old.page_size != page_size:
         return None
-    # pages written since the base, and those the base's patch already replaced (which hold
-    # every page past the stored piece's end): the stored piece is as it was stored
-    wanted = dirty.get(n, set()) | set(old.pages if old else ())
-    pages = sorted(p for p in wanted if (p + 1) * page_size <= len(data))
-    if len(pages) * page_size > PATCH_MAX or len(data) % page_size:
+    now = {p for p in dirty.get(n, ()) if (p + 1) * page_size <= len(data)}
+    # an older layer every page of which a later one (or the end) replaces is dropped
+    later = set(now)
+    kept: list[Layer] = []
+    for layer in reversed(old.layers if old else ()):
+        live = [p for p in layer.pages if p not in later and (p + 1) * page_size <= len(data)]
+        if live:
+            kept.append(layer)
+        later.update(layer.pages)
+    kept.reverse()
+    pages = now.union(*(layer.pages for layer in kept))
+    if len(pages) * page_size > PATCH_MAX or len(kept) + bool(now) > MAX_LAYERS:
         return None
-    body = b"".join(data[p * page_size : (p + 1) * page_size] for p in pages)
-    return PiecePatch(n, content_id, len(data), page_size, tuple(pages), body)
+    return kept
+
+
+def _referenced(
+    patches: dict[int, PiecePatch], pagesets: list[str]
+) -> tuple[tuple[PiecePatch, ...], tuple[str, ...]]:
+    """The patches in order, with only the page sets their layers use, numbered again."""
+    used = sorted({x.pageset for p in patches.values() for x in p.layers})
+    number = {old: new for new, old in enumerate(used)}
+    out = tuple(
+        dataclasses.replace(
+            patches[n],
+            layers=tuple(
+                dataclasses.replace(x, pageset=number[x.pageset]) for x in patches[n].layers
+            ),
+        )
+        for n in sorted(patches)
+    )
+    return out, tuple(pagesets[i] for i in used)
 
 
 def read_pieces(

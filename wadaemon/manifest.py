@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,36 +14,54 @@ FORMAT_VERSION = 1
 # ids alone (keyed hashes, each checked when the piece is read); written only by generations
 # that hold such a file, so that older versions still read every other generation
 PIECES_ONLY_FORMAT = 2
-# format 3: databases with pieces patched by pages carried in the manifest (PiecePatch)
+# format 3: databases with pieces patched by pages stored apart (PiecePatch)
 PATCHED_FORMAT = 3
 READABLE_FORMATS = (FORMAT_VERSION, PIECES_ONLY_FORMAT, PATCHED_FORMAT)
-MAX_PATCH_BYTES = 1 << 20  # what a patch may inflate to (a piece is 64 KiB)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Pages of one piece written by one commit, kept in a page set (FileEntry.pagesets)."""
+
+    pageset: int  # index into the entry's pagesets
+    first: int  # where its first page is in that page set, in pages
+    pages: tuple[int, ...]  # page numbers within the piece (0-based), ascending
 
 
 @dataclass(frozen=True)
 class PiecePatch:
     """Piece `index` of a database as a stored piece with some of its pages replaced.
 
-    A one-row change rewrites a few pages of one 64 KiB piece: the manifest carries those pages
-    (sealed with it) instead of a new piece. The entry's `pieces[index]` is then the stored piece
-    the pages apply to; `content_id` is the keyed hash of the piece as patched, checked when the
-    file is rebuilt. Every page past the stored piece's end up to `length` is in `pages`.
+    A one-row change rewrites a few pages of one 64 KiB piece: each commit stores the pages it
+    wrote, of every piece of the file, as one small page set, and the manifest says which pages
+    of which page sets apply to the stored piece `pieces[index]`, in order (oldest first).
+    `content_id` is the keyed hash of the piece as patched, checked when the file is rebuilt.
+    Every page past the stored piece's end up to `length` is in a layer.
     """
 
     index: int
     content_id: str
     length: int  # bytes of the patched piece
     page_size: int
-    pages: tuple[int, ...]  # page numbers within the piece (0-based), ascending
-    data: bytes  # those pages, in that order
+    layers: tuple[Layer, ...]
 
-    def apply(self, stored: bytes) -> bytes:
+    def pages(self) -> set[int]:
+        return {p for layer in self.layers for p in layer.pages}
+
+    def apply(self, stored: bytes, pagesets: Sequence[bytes]) -> bytes:
         out = bytearray(stored[: self.length])
         out.extend(bytes(self.length - len(out)))
         size = self.page_size
-        for k, page in enumerate(self.pages):
-            out[page * size : (page + 1) * size] = self.data[k * size : (k + 1) * size]
-        return bytes(out[: self.length])
+        for layer in self.layers:
+            source = pagesets[layer.pageset]
+            for k, page in enumerate(layer.pages):
+                if (page + 1) * size > self.length:
+                    continue  # cut off since: a later layer or the end stands for it
+                at = (layer.first + k) * size
+                if at + size > len(source):
+                    raise ValueError(f"page set {layer.pageset} is shorter than its layers say")
+                out[page * size : (page + 1) * size] = source[at : at + size]
+        return bytes(out)
 
     def to_raw(self) -> dict[str, Any]:
         return {
@@ -52,34 +69,32 @@ class PiecePatch:
             "content_id": self.content_id,
             "length": self.length,
             "page_size": self.page_size,
-            "pages": list(self.pages),
-            "z": base64.b64encode(zlib.compress(self.data, 1)).decode(),
+            "layers": [[x.pageset, x.first, list(x.pages)] for x in self.layers],
         }
 
     @classmethod
-    def from_raw(cls, raw: dict[str, Any]) -> PiecePatch:
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(base64.b64decode(raw["z"], validate=True), MAX_PATCH_BYTES)
-        except (zlib.error, ValueError) as exc:
-            raise ValueError(f"a patch does not decode: {exc}") from None
+    def from_raw(cls, raw: dict[str, Any], pagesets: int) -> PiecePatch:
         patch = cls(
             index=int(raw["index"]),
             content_id=str(raw["content_id"]),
             length=int(raw["length"]),
             page_size=int(raw["page_size"]),
-            pages=tuple(int(p) for p in raw["pages"]),
-            data=data,
+            layers=tuple(
+                Layer(int(s), int(first), tuple(int(p) for p in pages))
+                for s, first, pages in raw["layers"]
+            ),
         )
-        size, pages = patch.page_size, patch.pages
-        if (
-            size <= 0
-            or len(data) != size * len(pages)
-            or list(pages) != sorted(set(pages))
-            or any(p < 0 or (p + 1) * size > patch.length for p in pages)
-            or not 0 < patch.length <= MAX_PATCH_BYTES
-        ):
-            raise ValueError(f"patch of piece {patch.index} is inconsistent")
+        if patch.page_size <= 0 or patch.length <= 0 or patch.length % patch.page_size:
+            raise ValueError(f"patch of piece {patch.index} has a bad size")
+        for x in patch.layers:
+            if (
+                not 0 <= x.pageset < pagesets
+                or x.first < 0
+                or list(x.pages) != sorted(set(x.pages))
+            ):
+                raise ValueError(f"patch of piece {patch.index} has a bad layer")
+            if x.pages and x.pages[0] < 0:
+                raise ValueError(f"patch of piece {patch.index} has a bad page")
         return patch
 
 
@@ -106,8 +121,14 @@ class FileEntry:
     # SQLite: the keyed hash of the first piece with its volatile header fields masked (part of
     # content_sha, kept so that a capture that did not read the first piece again can reuse it)
     first_masked: str = ""
-    # SQLite: pieces stored as a stored piece plus pages (see PiecePatch), by ascending index
+    # SQLite: pieces stored as a stored piece plus pages (see PiecePatch), by ascending index,
+    # and the stored page sets their layers take pages from
     patches: tuple[PiecePatch, ...] = ()
+    pagesets: tuple[str, ...] = ()
+
+    def stored_ids(self) -> set[str]:
+        """Every stored object the file is rebuilt from."""
+        return {*self.pieces, *self.pagesets}
 
     def patch_of(self) -> dict[int, PiecePatch]:
         return {p.index: p for p in self.patches}
@@ -188,7 +209,11 @@ class Manifest:
                     checked=bool(f.get("checked", True)),
                     piece_size=int(f.get("piece_size", 0)),
                     first_masked=str(f.get("first_masked", "")),
-                    patches=tuple(PiecePatch.from_raw(p) for p in f.get("patches", ())),
+                    patches=tuple(
+                        PiecePatch.from_raw(p, len(f.get("pagesets", ())))
+                        for p in f.get("patches", ())
+                    ),
+                    pagesets=tuple(str(p) for p in f.get("pagesets", ())),
                 )
                 for f in raw["files"]
             )
@@ -227,8 +252,9 @@ def _file_raw(f: FileEntry) -> dict[str, Any]:
     raw = dict(vars(f))
     if f.patches:
         raw["patches"] = [p.to_raw() for p in f.patches]
+        raw["pagesets"] = list(f.pagesets)
     else:
-        del raw["patches"]
+        del raw["patches"], raw["pagesets"]
     return raw
 
 

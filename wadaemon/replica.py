@@ -290,17 +290,18 @@ class Replica:
             # trusted for its generation number only: the new history comes from the listing
             listed = [] if trusted else self.store.list_generations(account)
             carried = self._carried(snapshot, head, base_generation)
-            copied.update(self._delta_entries(snapshot, head, base_generation))
+            deltas, made = self._delta_entries(snapshot, head, base_generation)
+            copied.update(deltas)
             entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
-            all_ids = {p for e in entries for p in e.pieces}
+            all_ids = {p for e in entries for p in e.stored_ids()}
             relation = self._relation(account, head, digest, parent, pending)
-            # only pieces read now can be uploaded again
-            fresh = self._fresh_ids(snapshot, copied)
+            # only pieces read now (and page sets made now) can be uploaded again
+            fresh = self._fresh_ids(snapshot, copied) | made.keys()
             redo = fresh & set(reupload)
             if relation == "same" and trusted and head is not None:
-                uploaded = self._upload(snapshot, copied, redo)
+                uploaded = self._upload(snapshot, copied, redo, made)
                 self._head_pieces[account] = (head.generation, frozenset(all_ids))
                 return CommitResult(
                     account,
@@ -334,7 +335,7 @@ class Replica:
                 candidates = all_ids - known[1]
             # pieces a delta read again hold pages written since its base: new to the store
             # (or stored once more, with the same content), so nobody is asked about them
-            new = candidates & self._reread_ids(snapshot, copied)
+            new = candidates & (self._reread_ids(snapshot, copied) | made.keys())
             asked = candidates - new
             missing = self.store.missing_pieces(account, asked) if asked else set()
             lost = missing - fresh
@@ -345,7 +346,7 @@ class Replica:
                     f"{head.generation if head else None} are gone from the store"
                 )
             missing |= redo
-            uploaded_bytes = self._upload(snapshot, copied, missing)
+            uploaded_bytes = self._upload(snapshot, copied, missing, made)
             expected = head.generation if head else None
             generation = max([expected or 0, *listed]) + 1
             manifest = Manifest(
@@ -461,12 +462,13 @@ class Replica:
 
     def _delta_entries(
         self, snapshot: Snapshot, head: Head | None, base_generation: int | None
-    ) -> dict[str, FileEntry]:
+    ) -> tuple[dict[str, FileEntry], dict[str, bytes]]:
         """The entries of the databases captured by what changed since `base_generation`,
-        which must still be the head (else StaleSnapshot: the caller reads them whole)."""
+        which must still be the head (else StaleSnapshot: the caller reads them whole), and the
+        page sets they add ({id: content})."""
         deltas = [f for f in snapshot.files if f.status == "delta"]
         if not deltas:
-            return {}
+            return {}, {}
         account = snapshot.account
         if head is None or head.state != "active" or head.generation != base_generation:
             raise StaleSnapshot(
@@ -476,15 +478,17 @@ class Replica:
         previous = self._entries(account, head.generation)
         key = self.keyring.current
         out: dict[str, FileEntry] = {}
+        made: dict[str, bytes] = {}
         for f in deltas:
             base = previous.get(f.path)
             if base is None:
                 raise StaleSnapshot(f"{account}: {f.path} is not in generation {base_generation}")
             try:
-                out[f.path] = delta_entry(key, f, base, snapshot)
+                out[f.path], pagesets = delta_entry(key, f, base, snapshot)
             except BaseMismatch as exc:
                 raise StaleSnapshot(f"{account}: {exc}") from None
-        return out
+            made.update(pagesets)
+        return out, made
 
     @staticmethod
     def _fresh_ids(snapshot: Snapshot, entries: dict[str, FileEntry]) -> set[str]:
@@ -636,11 +640,23 @@ class Replica:
             manifest.to_bytes(), manifest_context(manifest.account, manifest.generation)
         )
 
-    def _upload(self, snapshot: Snapshot, entries: dict[str, FileEntry], missing: set[str]) -> int:
+    def _upload(
+        self,
+        snapshot: Snapshot,
+        entries: dict[str, FileEntry],
+        missing: set[str],
+        made: dict[str, bytes],
+    ) -> int:
         uploaded = 0
         todo = set(missing)
         account = snapshot.account
         context = piece_context(account)
+        for piece_id, data in made.items():  # page sets (see PiecePatch)
+            if piece_id in todo:
+                blob = self.keyring.seal(data, context)
+                self.store.write_piece(account, piece_id, blob)
+                uploaded += len(blob)
+                todo.discard(piece_id)
         for f in snapshot.files:
             entry = entries.get(f.path)
             if entry is None or not todo.intersection(entry.pieces):
@@ -707,7 +723,7 @@ class Replica:
         cached = self._pieces_of.get((account, generation))
         if cached is None:
             m = self.load_manifest(account, generation)
-            cached = frozenset(p for f in m.files for p in f.pieces)
+            cached = frozenset(p for f in m.files for p in f.stored_ids())
             self._pieces_of[(account, generation)] = cached
         return cached
 
@@ -796,7 +812,7 @@ class Replica:
         check (the manifest must open). Read READ_BATCH at a time; a batch the store cannot
         return whole (one of its pieces is missing or has no blob) is read again one by one."""
         manifest = self.load_manifest(account, generation)
-        ids = sorted({p for f in manifest.files for p in f.pieces})
+        ids = sorted({p for f in manifest.files for p in f.stored_ids()})
         damaged = []
         for start in range(0, len(ids), READ_BATCH):
             chunk = ids[start : start + READ_BATCH]
@@ -826,12 +842,13 @@ class Replica:
         digest = hashlib.sha256()
         size = 0
         patches = entry.patch_of()
+        pagesets = list(self.read_pieces(account, entry.pagesets))
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             for n, data in enumerate(self.read_pieces(account, entry.pieces)):
                 patch = patches.get(n)
                 if patch is not None:
-                    data = self._patched(entry, patch, data)
+                    data = self._patched(entry, patch, data, pagesets)
                 digest.update(data)
                 size += len(data)
                 out.write(data)
@@ -845,8 +862,13 @@ class Replica:
             )
         os.chmod(dest, entry.mode & 0o7777)
 
-    def _patched(self, entry: FileEntry, patch: PiecePatch, stored: bytes) -> bytes:
-        data = patch.apply(stored)
+    def _patched(
+        self, entry: FileEntry, patch: PiecePatch, stored: bytes, pagesets: Sequence[bytes]
+    ) -> bytes:
+        try:
+            data = patch.apply(stored, pagesets)
+        except ValueError as exc:
+            raise IntegrityError(f"{entry.path}: piece {patch.index}: {exc}") from None
         # made with the key that was current at the commit, which sealed the manifest
         if not any(k.piece_id(data) == patch.content_id for k in self.keyring.by_id.values()):
             raise IntegrityError(
