@@ -22,7 +22,7 @@ from test_firestore_daemon import firestore_config, head_generation
 from wadaemon.backup import BackupEngine
 from wadaemon.keyring import Keyring, load_keyring
 from wadaemon.layout import SessionsLayout
-from wadaemon.replica import Replica
+from wadaemon.replica import Conflict, Replica
 from wadaemon.store import DirectoryStore
 from wadaemon.store.firestore import FirestoreStore
 
@@ -255,7 +255,8 @@ def test_retention_keeps_the_head_line_in_the_directory_store(env: Env) -> None:
     before = sorted(p.name for p in (env.backups / "alice").rglob("*") if p.is_file())
     lineage = env.sessions / ".lineage" / "alice.json"
     record = json.loads(lineage.read_text())
-    lineage.write_text(json.dumps({**record, "generation": 1}))  # as if this copy were older
+    # as if this copy were older: it descends from generation 1, no commit of it pending
+    lineage.write_text(json.dumps({"generation": 1, "inode": record["inode"]}))
     write(creds(env), 3)
     proc = env.cli("backup", "alice")
     assert proc.returncode == 1 and "does not descend from the backup head" in proc.stderr
@@ -291,3 +292,38 @@ def test_a_stop_between_the_head_switch_and_the_lineage_record_is_no_conflict(
     assert DirectoryStore(tmp_path / "backups").read_head("alice").generation == 2  # type: ignore[union-attr]
     write(session, 3)  # the gateway went on writing
     assert engine().backup("alice").generation == 3
+
+
+def test_a_commit_writes_the_lineage_once_and_it_holds_after_another_writer_moves_on(
+    tmp_path: Path, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record written before the switch stands for the commit once it landed: no second
+    write after it; and once another writer's generation follows it, this unchanged copy is
+    known as behind (an old copy put back), not as a session of unknown descent."""
+    layout = SessionsLayout(tmp_path / "sessions")
+    layout.prepare()
+    (tmp_path / "backups").mkdir()
+    replica = Replica(DirectoryStore(tmp_path / "backups"), keyring, 5)
+    engine = BackupEngine(layout, replica)
+    session = layout.account_dir("alice") / "creds.json"
+    write(session, 1)
+    assert engine.backup("alice").generation == 1
+    writes: list[object] = []
+    real = layout.lineage._write
+    monkeypatch.setattr(layout.lineage, "_write", lambda *a: (writes.append(a), real(*a)))
+    for value in (2, 3):
+        write(session, value)
+        assert engine.backup("alice").status == "created"
+    assert len(writes) == 2  # one per commit
+    descent = layout.lineage.read("alice")
+    assert descent.pending is not None and descent.pending[0] == 3 and descent.generation == 2
+    # another host commits generation 4 over it; this copy has not changed since 3
+    other = tmp_path / "other"
+    shutil.copytree(layout.account_dir("alice"), other / "alice")
+    write(other / "alice" / "creds.json", 4)
+    other_layout = SessionsLayout(other)
+    other_layout.prepare()
+    other_layout.lineage.record("alice", 3, (other / "alice").stat().st_ino)
+    assert BackupEngine(other_layout, replica).backup("alice").generation == 4
+    with pytest.raises(Conflict, match="it is generation 3 unchanged, older than the backup"):
+        BackupEngine(layout, replica).backup("alice")

@@ -6,7 +6,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wadaemon.errors import WadaemonError
@@ -244,8 +244,8 @@ class BackupEngine:
                 reupload,
                 parent=descent.generation,
                 pending=descent.pending,
-                before_switch=lambda g, d: self.layout.lineage.record_pending(
-                    account, descent, g, d
+                before_switch=lambda g, d, base: self.layout.lineage.record_pending(
+                    account, replace(descent, generation=base), g, d
                 ),
             )
         self.layout.lineage.record(account, commit.generation, descent.inode)

@@ -81,14 +81,20 @@ class Lineage:
         return Descent(generation, inode, pending)
 
     def record(self, account: str, generation: int, inode: int | None) -> None:
-        """The session whose directory had `inode` descends from `generation` now."""
-        if self.read(account) != Descent(generation, inode):
+        """The session whose directory had `inode` descends from `generation` now. Nothing is
+        written if the record says so already, or names `generation` as its pending commit:
+        that commit landed, so the record stands for it (Descent.parent_for, and
+        Replica._relation once the head has moved on)."""
+        current = self.read(account)
+        pending = current.pending[0] if current.pending else None
+        if current.inode != inode or generation not in (current.generation, pending):
             self._write(account, Descent(generation, inode))
 
     def record_pending(self, account: str, descent: Descent, generation: int, digest: str) -> None:
         """A commit of the session `descent` describes is about to make `generation` (with
-        `digest`) the head: written before the head is switched, so that a daemon stopped
-        between the switch and `record` still knows its session descends from it."""
+        `digest`) the head: written before the head is switched, so that the session is known
+        to descend from it once the switch landed (a commit writes its lineage once: `record`
+        then finds nothing to write), and from `descent.generation` if it did not."""
         self._write(account, Descent(descent.generation, descent.inode, (generation, digest)))
 
     def _write(self, account: str, descent: Descent) -> None:

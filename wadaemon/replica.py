@@ -259,7 +259,7 @@ class Replica:
         *,
         parent: int | None,
         pending: tuple[int, str] | None = None,
-        before_switch: Callable[[int, str], None] | None = None,
+        before_switch: Callable[[int, str, int | None], None] | None = None,
     ) -> CommitResult:
         """Commit a snapshot as the account's next generation (or nothing if it equals the head).
 
@@ -267,7 +267,8 @@ class Replica:
         ADOPTED: found by the first start of this version), and `pending` a commit of it that
         may have landed (Descent.pending). Only a descendant of the current head is committed
         (a fast forward); anything else raises Conflict and writes nothing. `before_switch`
-        (generation, digest) is called right before the head is switched.
+        (generation, digest, what the session descends from until the switch lands) is called
+        right before the head is switched.
 
         Files the snapshot did not read stand for content already stored: a `reused` file is
         the one the generation `base_generation` holds (it must still be the head, else
@@ -296,7 +297,7 @@ class Replica:
             digest = self._digest(entries, snapshot)
             size = sum(e.size for e in entries)
             all_ids = {p for e in entries for p in e.stored_ids()}
-            relation = self._relation(account, head, digest, parent, pending)
+            relation, descends = self._relation(account, head, digest, parent, pending)
             # only pieces read now (and page sets made now) can be uploaded again
             fresh = self._fresh_ids(snapshot, copied) | made.keys()
             redo = fresh & set(reupload)
@@ -328,7 +329,7 @@ class Replica:
                     "backed up"
                 )
             if relation in ("behind", "diverged") and head is not None:
-                raise Conflict(conflict_message(account, head.generation, parent, relation))
+                raise Conflict(conflict_message(account, head.generation, descends, relation))
             known = self._head_pieces.get(account)
             candidates = all_ids
             if head is not None and known is not None and known[0] == head.generation:
@@ -374,7 +375,7 @@ class Replica:
             if not manifest.checked:
                 history += self._last_checked(account, old_history, history)
             if before_switch is not None:
-                before_switch(generation, digest)
+                before_switch(generation, digest, expected if relation == "ahead" else parent)
             switched = self._switch(
                 account,
                 expected,
@@ -425,7 +426,7 @@ class Replica:
             return ("diverged" if head is not None and head.state == "active" else "new"), head
         entries = [copied.get(f.path) or carried[f.path] for f in snapshot.files]
         digest = self._digest(entries, snapshot)
-        return self._relation(snapshot.account, head, digest, parent, pending), head
+        return self._relation(snapshot.account, head, digest, parent, pending)[0], head
 
     def _relation(
         self,
@@ -434,23 +435,31 @@ class Replica:
         digest: str,
         parent: int | None,
         pending: tuple[int, str] | None,
-    ) -> str:
+    ) -> tuple[str, int | None]:
         """How a session with `digest` that descends from `parent` (and perhaps from the
-        `pending` commit of it, see Descent.pending) stands to `head`."""
+        `pending` commit of it, see Descent.pending) stands to `head`, and what it descends
+        from (`parent`, or the pending commit if it landed)."""
         if head is None or head.state != "active":
-            return "new"
+            return "new", parent
         parent = Descent(parent, None, pending).parent_for(head.generation, head.digest)
+        if pending is not None and parent != pending[0] and pending[0] in head.history:
+            # the pending commit landed and the head has moved on since (another writer)
+            try:
+                if self.load_manifest(account, pending[0]).digest == pending[1]:
+                    parent = pending[0]
+            except WadaemonError as exc:
+                log.warning("%s: cannot read generation %d: %s", account, pending[0], exc)
         if digest == head.digest:
-            return "same"
+            return "same", parent
         if parent in (head.generation, ADOPTED):
-            return "ahead"
+            return "ahead", parent
         if parent is not None and parent < head.generation and parent in head.history:
             try:
                 if self.load_manifest(account, parent).digest == digest:
-                    return "behind"
+                    return "behind", parent
             except WadaemonError as exc:
                 log.warning("%s: cannot read generation %d to compare: %s", account, parent, exc)
-        return "diverged"
+        return "diverged", parent
 
     def _copied_entries(self, snapshot: Snapshot) -> dict[str, FileEntry]:
         key = self.keyring.current
