@@ -201,15 +201,19 @@ def _referenced(
 ) -> tuple[tuple[PiecePatch, ...], tuple[str, ...]]:
     """The patches in order, with only the page sets their layers use, numbered again."""
     used = sorted({x.pageset for p in patches.values() for x in p.layers})
+    ordered = [patches[n] for n in sorted(patches)]
+    if used == list(range(len(pagesets))):
+        return tuple(ordered), tuple(pagesets)  # all used: the numbers stand
     number = {old: new for new, old in enumerate(used)}
     out = tuple(
-        dataclasses.replace(
-            patches[n],
-            layers=tuple(
-                dataclasses.replace(x, pageset=number[x.pageset]) for x in patches[n].layers
-            ),
+        PiecePatch(
+            p.index,
+            p.content_id,
+            p.length,
+            p.page_size,
+            tuple(Layer(number[x.pageset], x.first, x.pages) for x in p.layers),
         )
-        for n in sorted(patches)
+        for p in ordered
     )
     return out, tuple(pagesets[i] for i in used)
 
