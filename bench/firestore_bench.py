@@ -547,7 +547,11 @@ class HeadWatcher:
         manifest = self.replica.load_manifest(account, generation)
         entry = next(f for f in manifest.files if f.path == "session.db")
         offset = (info.marker_page - 1) * info.page_size
-        piece = self.replica.read_piece(account, entry.pieces[offset // PIECE_SIZE])
+        index = offset // PIECE_SIZE
+        piece = self.replica.read_piece(account, entry.pieces[index])
+        patch = entry.patch_of().get(index)
+        if patch is not None:  # the piece as captured: its pages laid over the stored one
+            piece = patch.apply(piece, list(self.replica.read_pieces(account, entry.pagesets)))
         start = offset % PIECE_SIZE
         return neonize_db.read_marker(piece[start : start + info.page_size])
 
@@ -802,6 +806,20 @@ class Ops:
         )
 
 
+@contextlib.contextmanager
+def held(db: Path) -> Iterator[None]:
+    """A process keeping `db` open meanwhile (neonize_db.py hold)."""
+    holder = subprocess.Popen(
+        [sys.executable, str(NEONIZE_DB), "hold", str(db)], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def apply_change(db: Path, kind: str) -> None:
     """One change by a client process: `update` (one session row rewritten in place) or
     `N msg` (N incoming messages, whatsmeow's writes for each)."""
@@ -885,32 +903,35 @@ def measure_costs(
             ops = measured(partial(backup, name, force=True))
             unchanged[name] = ops
             rows.append(row("unchanged (safety pass)", name, ops, "no generation"))
-            for _ in range(KEEP):  # fill the history, so that retention runs on every commit
-                apply_change(db, "update")
-                backup(name)
-            for kind in changes:
-                results: list[Ops] = []
-                for _ in range(reps):
-                    apply_change(db, kind)
-                    time.sleep(1.0)  # past the head's one-write-per-second pace
-                    before = timings.snapshot()
-                    ops = measured(partial(backup, name))
-                    t1, n1 = timings.since(before)
-                    results.append(ops)
-                    if name == "cost5" and kind == "1 msg":
-                        breakdown.append(parts_row("backup, 1 message", ops.seconds, t1, n1))
-                mean = Ops.mean(results)
-                per_gen[name, kind] = mean
-                what = {"update": "one-row update", "1 msg": "1 message", "3 msg": "3 messages"}
-                rows.append(
-                    row(
-                        f"{what[kind]} (mean of {reps})",
-                        name,
-                        mean,
-                        f"writes {min(r.writes for r in results):g}-"
-                        f"{max(r.writes for r in results):g}",
+            # the client's own connection stays open, as a WhatsApp client's does: the `-wal`
+            # stays, and a change is captured as the pages it wrote
+            with held(db):
+                for _ in range(KEEP):  # fill the history, so that retention runs on every commit
+                    apply_change(db, "update")
+                    backup(name)
+                for kind in changes:
+                    results: list[Ops] = []
+                    for _ in range(reps):
+                        apply_change(db, kind)
+                        time.sleep(1.0)  # past the head's one-write-per-second pace
+                        before = timings.snapshot()
+                        ops = measured(partial(backup, name))
+                        t1, n1 = timings.since(before)
+                        results.append(ops)
+                        if name == "cost5" and kind == "1 msg":
+                            breakdown.append(parts_row("backup, 1 message", ops.seconds, t1, n1))
+                    mean = Ops.mean(results)
+                    per_gen[name, kind] = mean
+                    what = {"update": "one-row update", "1 msg": "1 message", "3 msg": "3 messages"}
+                    rows.append(
+                        row(
+                            f"{what[kind]} (mean of {reps})",
+                            name,
+                            mean,
+                            f"writes {min(r.writes for r in results):g}-"
+                            f"{max(r.writes for r in results):g}",
+                        )
                     )
-                )
             ops = measured(partial(replica.collect_garbage, name))
             full_gc[name] = ops
             rows.append(row("full collection (daily)", name, ops, "lists manifests and pieces"))

@@ -4,6 +4,7 @@
     python bench/neonize_db.py fill SPEC.json        [{"path", "scale", "seed", "marker"}, ...]
     python bench/neonize_db.py write --rate R --seconds T --log OUT DB...
     python bench/neonize_db.py message DB [--count N] [--update-only]
+    python bench/neonize_db.py hold DB                   keep the database open until killed
 
 Each command is meant to run in a process of its own (bench/firestore_bench.py starts them):
 `schema` imports neonize (0.5.2, whatsmeow inside) and lets it create its 17 whatsmeow tables
@@ -346,6 +347,17 @@ def messages(db: Path, count: int, update_only: bool) -> None:
     m.close()
 
 
+def hold(db: Path) -> None:
+    """The WhatsApp client's open connection, while `message` processes come and go: so that
+    the last one to close does not checkpoint and delete the `-wal` (a client keeps its
+    database open, and its WAL with it)."""
+    conn = sqlite3.connect(db)
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+    print("held", flush=True)
+    while True:
+        time.sleep(3600)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -362,6 +374,8 @@ def main() -> None:
     p.add_argument("db", type=Path)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--update-only", action="store_true")
+    p = sub.add_parser("hold")
+    p.add_argument("db", type=Path)
     args = parser.parse_args()
     if args.command == "schema":
         create_schema(args.path)
@@ -372,6 +386,8 @@ def main() -> None:
             print(json.dumps({"path": str(path), **info}), flush=True)
     elif args.command == "write":
         write(args.dbs, args.rate, args.seconds, args.log)
+    elif args.command == "hold":
+        hold(args.db)
     else:
         messages(args.db, args.count, args.update_only)
 
