@@ -93,8 +93,8 @@ def delta_entry(
     key: Key, f: SnapshotFile, base: FileEntry, snapshot: Snapshot
 ) -> tuple[FileEntry, dict[str, bytes]]:
     """`base` with the pieces the worker read again replaced (and the count fitted to the new
-    size), and the page set to store with it ({id: content}, or none). A piece whose pages
-    changed since it was stored are few, over few commits, becomes a patch of the stored piece
+    size), and the page set to store with it ({id: content}, or none). A piece of which few
+    pages changed since it was stored, over few commits, becomes a patch of the stored piece
     (PiecePatch): the pages this commit wrote go into the page set; others are stored whole
     again. Raises BaseMismatch if `base` is not what the delta was asked from."""
     if base.kind != "sqlite" or base.piece_size not in (0, PIECE_SIZE):
@@ -118,11 +118,11 @@ def delta_entry(
             stored[n] = content_id  # stored whole (again)
             continue
         assert dirty is not None  # else no layers
-        pages = tuple(sorted(p for p in dirty.get(n, ()) if (p + 1) * f.page_size <= len(data)))
+        page = f.page_size
+        pages = tuple(sorted(p for p in dirty.get(n, ()) if (p + 1) * page <= len(data)))
         if pages:
-            size_ = f.page_size
             layers.append(Layer(new_set, len(written), pages))
-            written.extend(data[p * size_ : (p + 1) * size_] for p in pages)
+            written.extend(data[p * page : (p + 1) * page] for p in pages)
         patches[n] = PiecePatch(n, content_id, len(data), f.page_size, tuple(layers))
     if "" in stored or (count and not first):
         raise BaseMismatch(f"{f.path}: the delta does not cover the pieces its size needs")

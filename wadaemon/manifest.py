@@ -45,9 +45,6 @@ class PiecePatch:
     page_size: int
     layers: tuple[Layer, ...]
 
-    def pages(self) -> set[int]:
-        return {p for layer in self.layers for p in layer.pages}
-
     def apply(self, stored: bytes, pagesets: Sequence[bytes]) -> bytes:
         out = bytearray(stored[: self.length])
         out.extend(bytes(self.length - len(out)))
