@@ -1,7 +1,8 @@
-# Shared by packaging/build-deb and packaging/test-system (sourced, not run).
+# Sourced by packaging/test-system (not run).
 #
-# Root filesystems of each Debian release (made with mmdebstrap, cached under $CACHE and never
-# inside the clone), and a way to run commands in them with systemd-nspawn.
+# Root filesystems of each Debian release to boot the package in (made with mmdebstrap, cached
+# under $CACHE and never inside the clone), and the per-release packages of the version before,
+# which the upgrade test installs first.
 
 # dpkg-buildpackage and friends must see the distribution's tools, not pyenv's shims
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -12,8 +13,11 @@ CACHE=${WADAEMON_BUILD_CACHE:-/var/cache/wadaemon-build}
 ROOTFS_MAX_AGE_DAYS=${WADAEMON_ROOTFS_MAX_AGE_DAYS:-14}
 # bump when the way root filesystems are made changes, so that old caches are not used
 ROOTFS_FORMAT=1
-# the releases built and tested when none is named
+# the releases tested when none is named
 DEFAULT_RELEASES="bookworm trixie"
+# the last commit whose packaging/build-deb made one package per release (0.1.0-1+deb12 and
+# 0.1.0-1+deb13, the virtualenv owned by dpkg): the packages the upgrade test starts from
+PREVIOUS_COMMIT=a053b52b884bae1fd0931f56272f8ff5b04cb409
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() {
@@ -41,7 +45,7 @@ host_tools() {
     need_root
     command -v apt-get >/dev/null || die "this needs a Debian or Ubuntu host (apt-get)"
     ensure_host_tools mmdebstrap:mmdebstrap systemd-nspawn:systemd-container \
-        nsenter:util-linux dpkg-deb:dpkg flock:util-linux pgrep:procps
+        nsenter:util-linux dpkg-deb:dpkg flock:util-linux pgrep:procps lintian:lintian
 }
 
 # release_tag RELEASE: the suffix of the package version built for it
@@ -102,15 +106,38 @@ ensure_rootfs() {
     echo "$dir"
 }
 
-# packages_of FIELD FILE: the package names in a Depends-like field of a control file (versions,
-# architectures and alternatives after the first dropped; substitution variables skipped)
-packages_of() {
-    awk -v field="$1" '
-        $0 ~ "^" field ":" { on = 1; sub("^[^:]*:", ""); print; next }
-        on && /^[ \t]/ { print; next }
-        { on = 0 }
-    ' "$2" | tr ',' '\n' | sed -e 's/|.*//' -e 's/[(\[<].*//' -e 's/:any//' -e 's/[[:space:]]//g' |
-        grep -v -e '^$' -e '^\$' | sort -u | paste -sd, -
+# previous_packages: print the directory holding the per-release packages of PREVIOUS_COMMIT,
+# building them first if they are not cached: that commit's own packaging/build-deb (root
+# filesystems, dh-virtualenv), from this clone's history. $WADAEMON_PREVIOUS_DEB_DIR, if set,
+# names such a directory instead.
+previous_packages() {
+    if [ -n "${WADAEMON_PREVIOUS_DEB_DIR:-}" ]; then
+        echo "$WADAEMON_PREVIOUS_DEB_DIR"
+        return 0
+    fi
+    local dir=$CACHE/previous/$PREVIOUS_COMMIT tree
+    if [ -n "$(find "$dir" -name 'wadaemon_*+deb12_amd64.deb' 2>/dev/null)" ] &&
+        [ -n "$(find "$dir" -name 'wadaemon_*+deb13_amd64.deb' 2>/dev/null)" ]; then
+        echo "$dir"
+        return 0
+    fi
+    git cat-file -e "$PREVIOUS_COMMIT^{commit}" 2>/dev/null ||
+        die "the upgrade test starts from the packages of commit $PREVIOUS_COMMIT, which this" \
+            "clone does not have (a shallow clone?): git fetch --unshallow, or set" \
+            "WADAEMON_PREVIOUS_DEB_DIR to a directory with wadaemon_0.1.0-1+deb12_amd64.deb and +deb13"
+    mkdir -p "$CACHE/tmp" "$CACHE/previous"
+    tree=$(mktemp -d "$CACHE/tmp/previous.XXXXXX")
+    git archive "$PREVIOUS_COMMIT" | tar -x -C "$tree"
+    log "building the per-release packages of $PREVIOUS_COMMIT for the upgrade test (once, 3-6 minutes)"
+    rm -rf "$dir.tmp"
+    if ! (cd "$tree" && packaging/build-deb --out "$dir.tmp") >"$CACHE/previous/build.log" 2>&1; then
+        tail -n 40 "$CACHE/previous/build.log" >&2
+        rm -rf "$tree" "$dir.tmp"
+        die "could not build the previous packages (log: $CACHE/previous/build.log)"
+    fi
+    rm -rf "$tree"
+    mv "$dir.tmp" "$dir"
+    echo "$dir"
 }
 
 # in_root ROOTFS [NSPAWN OPTION...] -- COMMAND...: run COMMAND in a throw-away copy of ROOTFS

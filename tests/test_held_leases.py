@@ -8,7 +8,7 @@ import functools
 import threading
 import types
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -51,7 +51,7 @@ class SlowLeases:
 
 
 def lease(account: str = "acct") -> Lease:
-    t = datetime(2026, 1, 1, tzinfo=UTC)
+    t = datetime(2026, 1, 1, tzinfo=timezone.utc)
     return Lease(account, "i1", "p", 3, TTL, t, t, t)
 
 

@@ -115,7 +115,7 @@ class MessageRoutes:
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), timeout=STREAM_KEEPALIVE_S)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     await response.write(b"\n")  # a blank line keeps the stream alive
                     continue
                 if account and event.get("account") != account:

@@ -1,13 +1,17 @@
-"""System tests: the .deb installed in a real systemd (nspawn), one container per Debian release.
+"""System tests: the .deb installed in a real systemd (nspawn), one container per Debian release,
+and its install step run with every Python it supports.
 
-Not part of the normal `pytest` run: they need root, systemd-nspawn, built packages and cached
-root filesystems, which `packaging/test-system` provides before it runs them with
-WADAEMON_SYSTEM_TESTS=1. Once that is set, anything missing is an error, never a skip.
+Not part of the normal `pytest` run: they need root, systemd-nspawn, the built package, the
+previous per-release packages and cached root filesystems, which `packaging/test-system`
+provides before it runs them with WADAEMON_SYSTEM_TESTS=1. Once that is set, anything missing
+is an error, never a skip.
 
 Environment (set by packaging/test-system):
     WADAEMON_SYSTEM_TESTS=1              collect and run these tests
     WADAEMON_RELEASES="bookworm trixie"  the releases to test
-    WADAEMON_DEB_DIR=build/deb           where the packages are (wadaemon_*+deb12_*.deb, ...)
+    WADAEMON_DEB=build/deb/wadaemon_0.1.0-2_amd64.deb    the package (one for every release)
+    WADAEMON_PREVIOUS_DEB_DIR=DIR        the per-release packages it upgrades
+                                         (wadaemon_*+deb12_*.deb, wadaemon_*+deb13_*.deb)
     WADAEMON_ROOTFS_<RELEASE>=DIR        the cached root filesystem to boot for each release
 """
 
@@ -57,9 +61,14 @@ def release(request: pytest.FixtureRequest) -> Iterator[Release]:
     _require(os.geteuid() == 0, "the system tests need root")
     _require(shutil.which("systemd-nspawn") is not None, "systemd-nspawn is not installed")
     _require(name in TAGS, f"unknown release {name!r}")
-    deb_dir = Path(os.environ.get("WADAEMON_DEB_DIR", "build/deb")).resolve()
-    debs = sorted(deb_dir.glob(f"wadaemon_*+{TAGS[name]}_*.deb"))
-    _require(len(debs) == 1, f"expected one {name} package in {deb_dir}, found {len(debs)}")
+    deb = Path(os.environ.get("WADAEMON_DEB", "")).resolve()
+    _require(deb.is_file() and deb.suffix == ".deb", "$WADAEMON_DEB does not name the package")
+    previous_dir = Path(os.environ.get("WADAEMON_PREVIOUS_DEB_DIR", "")).resolve()
+    previous = sorted(previous_dir.glob(f"wadaemon_*+{TAGS[name]}_*.deb"))
+    _require(
+        len(previous) == 1,
+        f"expected one previous {name} package in $WADAEMON_PREVIOUS_DEB_DIR ({previous_dir})",
+    )
     rootfs_env = f"WADAEMON_ROOTFS_{name.upper()}"
     rootfs = Path(os.environ.get(rootfs_env, ""))
     _require(
@@ -67,12 +76,14 @@ def release(request: pytest.FixtureRequest) -> Iterator[Release]:
         f"${rootfs_env} does not name a complete root filesystem",
     )
     logdir = Path(tempfile.mkdtemp(prefix=f"wadaemon-system-{name}-"))
-    container = Container(name, rootfs, [(deb_dir, "/pkg")], logdir / "nspawn.log")
+    binds = [(deb.parent, "/pkg"), (previous_dir, "/previous")]
+    container = Container(name, rootfs, binds, logdir / "nspawn.log")
     rel = Release(
         name,
-        debs[0],
+        deb,
         container,
-        f"/pkg/{debs[0].name}",
+        f"/pkg/{deb.name}",
+        f"/previous/{previous[0].name}",
         TIMINGS.setdefault(name, {}),
         FACTS.setdefault(name, {}),
     )

@@ -188,6 +188,7 @@ class Release:
     deb: Path  # on the host
     container: Container
     deb_inside: str  # the same file, inside the container
+    previous_inside: str  # the per-release package of the version before, inside the container
     timings: dict[str, float] = field(default_factory=dict)
     facts: dict[str, str] = field(default_factory=dict)  # shown at the end of the run
 

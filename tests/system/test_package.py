@@ -2,7 +2,8 @@
 
 The tests are steps of one scenario and run in this order on each release: install, look at
 it, back up, lose the session, restore, hang the daemon, reload, upgrade, remove, purge and
-reinstall. A step whose predecessor failed is reported as not run.
+reinstall, then the release's previous per-release package over the kept data and the upgrade
+from it. A step whose predecessor failed is reported as not run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ MAX_EXPOSURE = 2.0
 ACCOUNT = "alice"
 TEST_DROPIN = "/run/systemd/system/wadaemon.service.d/90-test.conf"
 PROBE = Path(__file__).with_name("hardening_probe.py")
-CHECK_NEONIZE = Path(__file__).parents[2] / "debian" / "check-neonize.py"
+CHECK_VENV = "/usr/lib/wadaemon/check-venv.py"
+INSTALL_VENV = "/usr/lib/wadaemon/install-venv"
 GO_LIBRARY = "neonize/neonize-linux-amd64.so"
 NEW_ACCOUNT = "acc1"
 # a Python traceback, or a Go panic or runtime crash, anywhere in the daemon's journal
@@ -233,10 +235,18 @@ def test_files_user_and_modes(release: Release) -> None:
     conffiles = c.run("dpkg-query", "-W", "-f=${Conffiles}", "wadaemon").stdout
     assert CONFIG in conffiles
     depends = c.run("dpkg-query", "-W", "-f=${Depends}", "wadaemon").stdout
-    assert re.search(r"\bpython3\.\d+\b", depends) and "libc6 (>= 2.34)" in depends, depends
+    # one package for every release: python3 of any supported minor version, not one of them
+    assert "python3 (>= 3.10), python3 (<< 3.14)" in depends, depends
+    assert not re.search(r"\bpython3\.\d+\b", depends) and "libc6 (>= 2.34)" in depends, depends
     release.facts["package"] = f"{Path(release.deb).name}, Depends: {depends}"
-    # the daemon runs the virtualenv's Python, which is this release's interpreter
-    assert c.run("readlink", "-f", VENV_PYTHON).stdout.strip().startswith("/usr/bin/python3.")
+    # the daemon runs the virtualenv postinst built for this release's python3, from the
+    # carried wheels; dpkg owns the wheels, not the virtualenv
+    python3 = c.run("readlink", "-f", "/usr/bin/python3").stdout.strip()
+    assert c.run("readlink", "-f", VENV_PYTHON).stdout.strip() == python3
+    c.run(INSTALL_VENV, "--check")
+    assert c.run("dpkg", "-S", VENV_PYTHON, check=False).returncode == 1
+    c.run("dpkg", "-S", "/usr/lib/wadaemon/wheels")
+    release.facts["virtualenv"] = f"{python3}: {c.read('/opt/venvs/wadaemon/wadaemon-venv.txt')}"
 
 
 def test_systemd_analyze_verify_is_clean(release: Release) -> None:
@@ -409,12 +419,10 @@ def test_whatsapp_clients_run_under_the_unit(release: Release) -> None:
     limits = open_files(c.read(f"/proc/{pid}/limits"))
     assert limits == (min(65536, ceiling),) * 2, (limits, ceiling)
     release.facts["daemon's descriptor limit"] = f"{limits[0]} (container's hard limit {ceiling})"
-    # the library is the wheel's and reports the version neonize expects: no download, ever
-    c.write("/usr/local/lib/wadaemon-check-neonize.py", CHECK_NEONIZE.read_text())
-    said = c.run(
-        VENV_PYTHON, "-B", "/usr/local/lib/wadaemon-check-neonize.py", "/opt/venvs/wadaemon"
-    ).stdout
-    assert "is the wheel's" in said, said
+    # every file of the virtualenv is its wheel's, and the Go library reports the version
+    # neonize expects: no download, ever
+    said = c.run(VENV_PYTHON, "-B", CHECK_VENV, "/opt/venvs/wadaemon").stdout
+    assert "files match their wheels' RECORD" in said and "is the wheel's" in said, said
     assert c.run("dpkg", "--verify", "wadaemon").stdout == ""  # no packaged file changed
     downloads = [m for m in c.messages("--unit=wadaemon") if "download" in m.lower()]
     assert not downloads, downloads
@@ -426,7 +434,7 @@ def test_whatsapp_clients_run_under_the_unit(release: Release) -> None:
         f"RSS {int(rss.group(1)) // 1024 if rss else '?'} MiB, "
         f"{threads.group(1) if threads else '?'} threads, {len(fds)} descriptors"
     )
-    release.facts["neonize's Go library"] = said.strip()
+    release.facts["virtualenv check"] = " / ".join(said.strip().splitlines())
 
 
 def test_accounts_list_without_accounts(release: Release) -> None:
@@ -780,3 +788,94 @@ def test_purge_keeps_data_and_reinstall_picks_it_up(release: Release) -> None:
     assert session_facts(c) == facts
     code, body = curl(c, "/accounts")
     assert code == 200 and ACCOUNT in [a["account"] for a in json.loads(body)["accounts"]]
+
+
+def test_previous_package_over_the_kept_data(release: Release) -> None:
+    """The per-release package of the version before (0.1.0-1+deb12 or +deb13, its virtualenv
+    owned by dpkg), as a server runs it before this upgrade: installed over the kept data, the
+    configuration edited by the admin, a session changed and backed up."""
+    c = release.container
+    c.run("apt-get", "remove", "--yes", "wadaemon", timeout=300)
+    c.run("test", "!", "-e", "/opt/venvs/wadaemon")  # remove takes the virtualenv with it
+    r = c.run(
+        "apt-get",
+        "install",
+        "--yes",
+        "--no-install-recommends",
+        release.previous_inside,
+        timeout=300,
+    )
+    assert "created the encryption key" not in r.stdout  # the kept key
+    wait_active(c)
+    version = c.run("dpkg-query", "-W", "-f=${Version}", "wadaemon").stdout
+    assert "+deb" in version, version
+    c.run("dpkg", "-S", VENV_PYTHON)  # that package's virtualenv is dpkg's
+    c.sh(f"echo '# changed by the admin' >> {CONFIG}")
+    c.run("systemctl", "reload", "wadaemon", timeout=60)
+    c.run(
+        "runuser",
+        "-u",
+        "wadaemon",
+        "--",
+        "python3",
+        "-c",
+        MAKE_SESSION,
+        f"{SESSIONS}/{ACCOUNT}",
+        f"changed under {version}",
+    )
+    changed = session_facts(c)
+    wait_for(lambda: head_creds_sha(c) == changed["creds_sha256"], 30, f"a backup by {version}")
+    release.facts["upgraded from"] = Path(release.previous_inside).name
+
+
+def test_upgrade_from_the_previous_package_keeps_everything(release: Release) -> None:
+    """`apt install ./wadaemon_<new>.deb` over the per-release package: sessions, backups (every
+    generation), key, the edited configuration, the unit and its drop-in all stay; the new
+    package's virtualenv replaces dpkg's; the new daemon restores a lost session from them."""
+    c = release.container
+    facts = session_facts(c)
+    key = c.run("sha256sum", KEY).stdout
+    config = c.run("sha256sum", CONFIG).stdout
+    doc = generations(c)
+    assert doc is not None
+    kept = [g["generation"] for g in doc["generations"]]
+    old = c.show("wadaemon", "MainPID")["MainPID"]
+    started = time.monotonic()
+    r = c.run("apt-get", "install", "--yes", release.deb_inside, timeout=300)
+    timed(release, "apt upgrade from the previous package", time.monotonic() - started)
+    out = r.stdout + r.stderr
+    assert "created the encryption key" not in out
+    assert "built /opt/venvs/wadaemon for /usr/bin/python3." in out, out
+    warnings = [line for line in out.splitlines() if "warning" in line.lower()]
+    release.facts["dpkg warnings during that upgrade"] = "; ".join(warnings) or "none"
+    assert_active(c)
+    assert c.show("wadaemon", "MainPID")["MainPID"] != old
+    new_version = c.run("dpkg-deb", "-f", release.deb_inside, "Version").stdout.strip()
+    assert c.run("dpkg-query", "-W", "-f=${Version}", "wadaemon").stdout == new_version
+    # the unit and its drop-in moved from the old package's files to the new one's (on Debian
+    # 12 from /lib/systemd/system, the same directory on a merged-/usr system): still there
+    shown = c.show("wadaemon", "FragmentPath", "DropInPaths", "Environment")
+    # (Debian 12's systemd finds it through /lib first: the same file)
+    fragment = c.run("readlink", "-f", shown["FragmentPath"]).stdout.strip()
+    assert fragment == "/usr/lib/systemd/system/wadaemon.service", shown
+    c.run("test", "-f", "/usr/lib/systemd/system/wadaemon.service.d/10-sessions.conf")
+    assert "10-sessions.conf" in shown["DropInPaths"], shown
+    assert f"SESSIONS_PATH={SESSIONS}" in shown["Environment"], shown
+    assert c.run("systemctl", "is-enabled", "wadaemon").stdout.strip() == "enabled"
+    # data, key and the admin's configuration
+    assert session_facts(c) == facts
+    assert c.run("sha256sum", KEY).stdout == key
+    assert c.run("sha256sum", CONFIG).stdout == config
+    doc = generations(c)
+    assert doc is not None and set(kept) <= {g["generation"] for g in doc["generations"]}
+    # the virtualenv is the new package's, built by postinst, no longer dpkg's
+    assert c.run("dpkg", "-S", VENV_PYTHON, check=False).returncode == 1
+    c.run(INSTALL_VENV, "--check")
+    c.run("dpkg", "--verify", "wadaemon")
+    # a session lost after the upgrade comes back from the backups
+    c.run("systemctl", "stop", "wadaemon")
+    c.run("rm", "-rf", f"{SESSIONS}/{ACCOUNT}")
+    mark = c.cursor()
+    c.run("systemctl", "start", "wadaemon")
+    assert session_facts(c) == facts
+    index_of(daemon_entries(c, after=mark), rf"^restore: {ACCOUNT}: restored")

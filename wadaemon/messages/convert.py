@@ -175,6 +175,9 @@ def from_message(account: str, event: Any, own: set[str] | None = None) -> Messa
 def from_receipt(account: str, event: Any) -> Change | None:
     """neonize.proto.Neonize_pb2.Receipt -> Receipt (ours, seen by them) or ChatRead (theirs,
     read by us on another device)."""
+    from wadaemon.whatsapp.neonize_client import neonize_on_python310
+
+    neonize_on_python310()
     from neonize.proto import Neonize_pb2 as pb
 
     name = pb.Receipt.ReceiptType.Name(event.Type)

@@ -84,7 +84,7 @@ class Inbox:
         delay = RETRY_FIRST_S
         last_sync = time.monotonic()
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=SYNC_EVERY_S)
             self._wake.clear()
             while not self._stopping:
@@ -158,7 +158,7 @@ class Inbox:
             try:
                 if not await asyncio.wait_for(self.flush_once(), deadline - time.monotonic()):
                     break
-            except (WadaemonError, OSError, TimeoutError):
+            except (WadaemonError, OSError, asyncio.TimeoutError):
                 break
         await asyncio.to_thread(self.journal.sync)
 

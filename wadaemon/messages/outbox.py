@@ -166,7 +166,7 @@ class Outbox:
                     await self._list()
                 delay = self._start_due(now)
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(delay, LOOK_EVERY_S))
         finally:
             unwatch()

@@ -756,5 +756,8 @@ def open_firestore(config: Config, environ: Mapping[str, str] | None = None) -> 
             f"{config.where('firestore', 'credentials_file')}: no Google credentials for "
             f"Firestore project {fs.project} ({_short(exc)}); set firestore.credentials_file to "
             "a service account's JSON key (role roles/datastore.user), or pass it as the systemd "
-            "credential firestore-credentials, or set $GOOGLE_APPLICATION_CREDENTIALS."
+            "credential firestore-credentials, or set $GOOGLE_APPLICATION_CREDENTIALS. systemd "
+            "before 251 (Ubuntu 22.04 has 249) does not look in /etc/credstore: there, add "
+            "LoadCredential=firestore-credentials:/etc/credstore/firestore-credentials with "
+            "`systemctl edit wadaemon`."
         ) from None

@@ -11,6 +11,9 @@ Facts this module relies on (measured, see the neonize notes in the repository h
   be few, which the account runner ensures.
 - One NewAClient object per account for the life of the daemon: its finalizer stops the Go client
   by uuid, so a discarded second object would stop the live one.
+- neonize 0.5.2 says it needs Python 3.10, but four of its modules import `typing.Self`, which
+  Python has since 3.11: on 3.10 (Ubuntu 22.04) `import neonize` fails. `neonize_on_python310()`
+  lends `typing` the identical `typing_extensions.Self` first (it is only used in annotations).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
+import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -50,8 +55,17 @@ EVENT_NAMES = (
 )
 
 
+def neonize_on_python310() -> None:
+    """Make `from typing import Self` (in neonize's modules) work on Python 3.10."""
+    if sys.version_info < (3, 11) and not hasattr(typing, "Self"):
+        import typing_extensions
+
+        typing.Self = typing_extensions.Self  # type: ignore[attr-defined]
+
+
 def load_neonize(go_log_level: str) -> Any:
     """Import neonize with the daemon's logging kept intact; returns the aioze client module."""
+    neonize_on_python310()
     go_logger = logging.getLogger("neonize.utils.log")
     go_logger.setLevel(GO_LOG_LEVELS.get(go_log_level, logging.ERROR))
     # "ffmpeg not found: media operations will fail": the daemon handles no media
