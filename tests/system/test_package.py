@@ -879,3 +879,38 @@ def test_upgrade_from_the_previous_package_keeps_everything(release: Release) ->
     c.run("systemctl", "start", "wadaemon")
     assert session_facts(c) == facts
     index_of(daemon_entries(c, after=mark), rf"^restore: {ACCOUNT}: restored")
+
+
+def test_python3_change_rebuilds_the_virtualenv(release: Release) -> None:
+    """The dpkg trigger on the python3 interpreters (a release upgrade moves python3 to another
+    minor version): postinst finds a virtualenv that does not fit python3, stops the daemon,
+    builds it again from the carried wheels and starts the daemon. Without a virtualenv,
+    /usr/bin/wadaemon says how to rebuild it and exits 78."""
+    c = release.container
+    facts = session_facts(c)
+    stamp = c.read("/opt/venvs/wadaemon/wadaemon-venv.txt")
+    old = c.show("wadaemon", "MainPID")["MainPID"]
+    # a virtualenv left from another Python, as after python3 moved from 3.11 to 3.13
+    c.sh("echo 'python=/usr/bin/python3.9 requirements=0' >/opt/venvs/wadaemon/wadaemon-venv.txt")
+    assert c.run(INSTALL_VENV, "--check", check=False).returncode == 1
+    c.run("dpkg-trigger", "--by-package=python3-minimal", "--no-await", "/usr/bin/python3")
+    r = c.run("dpkg", "--triggers-only", "--pending", timeout=300)
+    assert "python3 changed; building the virtualenv again" in r.stdout, r.stdout + r.stderr
+    assert_active(c)
+    assert c.show("wadaemon", "MainPID")["MainPID"] != old
+    assert c.read("/opt/venvs/wadaemon/wadaemon-venv.txt") == stamp
+    assert session_facts(c) == facts
+    # a trigger while the virtualenv fits changes nothing
+    pid = c.show("wadaemon", "MainPID")["MainPID"]
+    c.run("dpkg-trigger", "--by-package=python3-minimal", "--no-await", "/usr/bin/python3")
+    r = c.run("dpkg", "--triggers-only", "--pending", timeout=300)
+    assert "building the virtualenv again" not in r.stdout
+    assert c.show("wadaemon", "MainPID")["MainPID"] == pid
+
+    c.run("systemctl", "stop", "wadaemon")
+    c.run("mv", "/opt/venvs/wadaemon", "/opt/venvs/wadaemon.away")
+    r = c.run("wadaemon", "--version", check=False)
+    assert r.returncode == 78 and "sudo /usr/lib/wadaemon/install-venv" in r.stderr, r.stderr
+    c.run("mv", "/opt/venvs/wadaemon.away", "/opt/venvs/wadaemon")
+    c.run("systemctl", "start", "wadaemon")
+    assert_active(c)
