@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from wadaemon import sqlite_worker, wal_capture
+from wadaemon.db_image import opened_image
 
 HERE = Path(__file__).resolve().parent
 PIECE = 64 * 1024
@@ -64,12 +65,9 @@ class Rebuilt:
 
 
 def rows_of(image: bytes) -> list[int]:
-    conn = sqlite3.connect(":memory:")
-    conn.deserialize(image[:18] + b"\x01\x01" + image[20:])
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
-    conn.close()
-    return rows
+    with opened_image(image[:18] + b"\x01\x01" + image[20:]) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
 
 
 def rows_in_another_process(db: Path) -> list[int]:

@@ -223,31 +223,30 @@ class BackupEngine:
         """Snapshot (not reading the files `known` says are unchanged) and commit; the veto's
         reason instead if `refuse` vetoed the snapshot."""
         descent = self.layout.lineage.read(account)  # before the snapshot: its directory's
-        with self.layout.snapshot_staging("snapshot", account) as staging:
-            started_ns = time.time_ns()
-            snapshot = take_snapshot(
-                account,
-                source,
-                staging,
-                known.stats if known else None,
-                known.since if known else None,
-                PIECE_SIZE,
-            )
-            if not snapshot.files:
-                return "no files to back up"
-            veto = refuse(snapshot) if refuse is not None else None
-            if veto is not None:
-                return veto
-            commit = self.replica.commit(
-                snapshot,
-                known.generation if known else None,
-                reupload,
-                parent=descent.generation,
-                pending=descent.pending,
-                before_switch=lambda g, d, base: self.layout.lineage.record_pending(
-                    account, replace(descent, generation=base), g, d
-                ),
-            )
+        started_ns = time.time_ns()
+        snapshot = take_snapshot(
+            account,
+            source,
+            None,
+            known.stats if known else None,
+            known.since if known else None,
+            PIECE_SIZE,
+        )
+        if not snapshot.files:
+            return "no files to back up"
+        veto = refuse(snapshot) if refuse is not None else None
+        if veto is not None:
+            return veto
+        commit = self.replica.commit(
+            snapshot,
+            known.generation if known else None,
+            reupload,
+            parent=descent.generation,
+            pending=descent.pending,
+            before_switch=lambda g, d, base: self.layout.lineage.record_pending(
+                account, replace(descent, generation=base), g, d
+            ),
+        )
         self.layout.lineage.record(account, commit.generation, descent.inode)
         # Stat keys that may stand for their file's content next time: not for a file modified
         # so shortly before it was read that a later write could keep the same stat (racy).

@@ -254,8 +254,11 @@ class Daemon:
                 await run()
             except asyncio.CancelledError:
                 task = asyncio.current_task()
-                cancelling = getattr(task, "cancelling", None)  # Python 3.11 and newer
-                if cancelling is None or cancelling():
+                # Python 3.10 has no Task.cancelling() to tell a stray CancelledError from a
+                # cancellation of the stop itself: there the stop goes on (its final backups
+                # matter more; systemd's TimeoutStopSec ends a stop that hangs)
+                cancelling = getattr(task, "cancelling", None)
+                if cancelling is not None and cancelling():
                     raise  # this task itself is cancelled
                 log.error("stopping: %s was cancelled; the stop goes on", what, exc_info=True)
                 failed.append(what)

@@ -14,13 +14,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from wadaemon.errors import ConfigError, UnreadableSession, WadaemonError, unreadable_message
 from wadaemon.lineage import Lineage
-from wadaemon.worker_files import CAN_SERIALIZE
 
 ACCOUNT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 TMP_DIR = ".tmp"
@@ -157,19 +154,6 @@ class SessionsLayout:
         path = self.tmp / f"{purpose}-{account}-{os.getpid()}-{os.urandom(4).hex()}"
         path.mkdir(mode=0o700)
         return path
-
-    @contextmanager
-    def snapshot_staging(self, purpose: str, account: str) -> Iterator[Path | None]:
-        """Where a snapshot's copies go: None where the worker makes them in memory (Python
-        3.11 and newer), else a temporary directory, removed afterwards."""
-        if CAN_SERIALIZE:
-            yield None
-            return
-        path = self.new_temp_dir(purpose, account)
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def quarantine_path(self, account: str, reason: str) -> Path:
         self.quarantine.mkdir(mode=0o700, parents=True, exist_ok=True)

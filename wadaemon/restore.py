@@ -458,12 +458,11 @@ class Restorer:
         # taking over, an adopted copy proves nothing: only equal content keeps it
         claimed = None if takeover and descent.generation == ADOPTED else descent.generation
         try:
-            with self.layout.snapshot_staging("compare", account) as staging:
-                relation, head = self.replica.relation(
-                    take_snapshot(account, self.layout.account_dir(account), staging),
-                    claimed,
-                    descent.pending,
-                )
+            relation, head = self.replica.relation(
+                take_snapshot(account, self.layout.account_dir(account), None),
+                claimed,
+                descent.pending,
+            )
         except WadaemonError as exc:
             return RestoreOutcome(
                 account,

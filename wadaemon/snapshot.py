@@ -127,8 +127,7 @@ def take_snapshot(
     since: dict[str, tuple[WalPosition, int]] | None = None,
     piece_size: int = 64 * 1024,
 ) -> Snapshot:
-    """Copy `source` consistently (in memory, or into the empty directory `dest` where the
-    worker cannot: see SessionsLayout.snapshot_staging). Files whose
+    """Copy `source` consistently (in memory, or into the empty directory `dest`). Files whose
     stat key still matches `reuse[path]` are not read: they come back with status "reused".
     Databases with a position in `since` ({path: (position, pages)}) come back as the pieces
     changed since (status "delta") when their WAL still tells."""

@@ -40,11 +40,11 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from wadaemon.db_image import image_of
 from wadaemon.file_kinds import SQLITE, by_name, kind_of
 from wadaemon.wal_capture import capture
 from wadaemon.worker_files import (
     BUSY_TIMEOUT_S,
-    CAN_SERIALIZE,
     DIR_FLAGS,
     NOT_A_FILE,
     SIDECAR_SUFFIXES,
@@ -197,8 +197,7 @@ def _copy_sqlite(
     root_fd: int, rel: str, src: str, dst: str | None
 ) -> tuple[dict[str, Any], os.stat_result, bytes | None]:
     """Copy a database with the online backup API (opened by _connect), into the file `dst`,
-    or into memory (dst None; where Connection.serialize exists, else into a temporary file
-    beside nothing, deleted at once). Every file SQLite opened is then checked to be the
+    or into memory (dst None; see db_image). Every file SQLite opened is then checked to be the
     database, its -wal/-shm/-journal (regular files) or the copy: anything else refuses the
     copy (Replaced). Returns what the copy says (page size, paired devices), the stat of the
     database copied and the copy's bytes when it was made in memory."""
@@ -229,7 +228,7 @@ def _copy_sqlite(
             page_size = int(target.execute("PRAGMA page_size").fetchone()[0])
             devices = _devices(target) if result == "ok" else None
             if dst is None and result == "ok":
-                data = target.serialize()  # type: ignore[attr-defined,unused-ignore]
+                data = image_of(target)
         finally:
             target.close()
     finally:
@@ -283,7 +282,6 @@ def snapshot(
     the copies are made in memory and returned by path (nothing is written under dst_root)."""
     root_fd = _open_root(src_root)
     try:
-        inline = inline and CAN_SERIALIZE
         return _snapshot(src_root, root_fd, dst_root, reuse, inline, since or {}, piece_size)
     finally:
         os.close(root_fd)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import struct
 from typing import Any
 from urllib.parse import quote
 
+from wadaemon.db_image import opened_image
 from wadaemon.wal_image import NotWal, PageReader, Position, WalState, advance, read_header
 from wadaemon.worker_files import (
     SIDECAR_SUFFIXES,
@@ -34,17 +34,12 @@ ATTEMPTS = 3  # captures taken again when the WAL restarts during one
 
 
 def _integrity(image: bytes) -> tuple[str, int | None]:
-    """PRAGMA integrity_check of a database image in memory, and its paired devices."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        # an image in WAL mode (header bytes 18-19 are 2) cannot be opened from memory
-        plain = image[:18] + b"\x01\x01" + image[20:]
-        conn.deserialize(plain)  # type: ignore[attr-defined,unused-ignore]
+    """PRAGMA integrity_check of a database image, and its paired devices."""
+    # an image in WAL mode (header bytes 18-19 are 2) cannot be opened from memory
+    with opened_image(image[:18] + b"\x01\x01" + image[20:]) as conn:
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
         result = "ok" if rows == ["ok"] else "; ".join(str(r) for r in rows[:5])
         return result, _devices(conn)
-    finally:
-        conn.close()
 
 
 Captured = tuple[dict[str, Any], dict[str, bytes], os.stat_result]

@@ -17,8 +17,6 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # errors of an open that met a symlink, a FIFO with no writer, a device or a socket: not a file
 NOT_A_FILE = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTDIR)
-# Python 3.11 and newer can hand a database made in memory over as bytes
-CAN_SERIALIZE = hasattr(sqlite3.Connection, "serialize")
 
 
 class WorkerError(Exception):

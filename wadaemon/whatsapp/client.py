@@ -114,10 +114,15 @@ def client_factory(go_log_level: str) -> ClientFactory:
 
     Call it once logging is set up: it imports neonize, which touches the logging setup.
     """
+    from wadaemon.whatsapp.neonize_client import (
+        NeonizeClient,
+        load_neonize,
+        neonize_on_python310,
+    )
+
+    neonize_on_python310()  # a test's client uses neonize's messages too
     spec = os.environ.get(CLIENT_FACTORY_ENV, "")
     if not spec:
-        from wadaemon.whatsapp.neonize_client import NeonizeClient, load_neonize
-
         try:
             load_neonize(go_log_level)
         except (ImportError, OSError) as exc:
