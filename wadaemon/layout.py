@@ -1,7 +1,7 @@
 """The sessions directory: one directory per account, plus the daemon's own dot-directories.
 
 <sessions_path>/<account_id>/      an account's session (session.db for neonize accounts)
-<sessions_path>/.tmp/              snapshots and restores being built (same filesystem)
+<sessions_path>/.tmp/              restores being built (same filesystem)
 <sessions_path>/.quarantine/       sessions set aside (corrupt, replaced); never deleted
 <sessions_path>/.lineage/          which generation each local session descends from (lineage.py)
 """

@@ -15,6 +15,7 @@ import glob
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -155,6 +156,13 @@ def test_install_step(version: str, unpacked: Path, tmp_path: Path) -> None:
     session = tmp_path / "var/lib/wadaemon/sessions/alice"
     session.mkdir(parents=True)
     (session / "creds.json").write_text('{"me": "x"}')
+    # a WAL database, held open as a client holds it: captured from its WAL, its image checked
+    # in the worker (in memory, or through a temporary file on 3.10)
+    db = sqlite3.connect(session / "session.db")
+    db.execute("PRAGMA journal_mode=wal")
+    db.execute("CREATE TABLE keys (id INTEGER PRIMARY KEY, k BLOB)")
+    db.executemany("INSERT INTO keys (k) VALUES (?)", [(os.urandom(300),) for _ in range(200)])
+    db.commit()
     log = tmp_path / "daemon.log"
     with log.open("wb") as out:
         daemon = subprocess.Popen(
@@ -170,10 +178,11 @@ def test_install_step(version: str, unpacked: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
         said = log.read_text()
         assert "ready: " in said and "whatsapp: supervising 1 accounts" in said, said
-        assert "backup: alice" in said, said
+        assert "backup: alice: generation 1: 2 files" in said, said
     finally:
         daemon.send_signal(signal.SIGTERM)
         code = daemon.wait(timeout=60)
+        db.close()
     said = log.read_text()
     assert code == 0 and said.rstrip().endswith("stopped"), said[-3000:]
     assert "Traceback" not in said, said[-3000:]
