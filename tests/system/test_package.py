@@ -98,17 +98,18 @@ def open_files(limits: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+def as_daemon_user(c: Container, script: str, *args: str) -> str:
+    """Run a Python script in the container as the daemon's user (as its clients write)."""
+    return c.run("runuser", "-u", "wadaemon", "--", "python3", "-c", script, *args).stdout
+
+
+def make_session(c: Container, label: str) -> None:
+    """Write (or add to) ACCOUNT's session as its client would."""
+    as_daemon_user(c, MAKE_SESSION, f"{SESSIONS}/{ACCOUNT}", label)
+
+
 def session_facts(c: Container, account: str = ACCOUNT) -> dict[str, Any]:
-    out = c.run(
-        "runuser",
-        "-u",
-        "wadaemon",
-        "--",
-        "python3",
-        "-c",
-        DESCRIBE_SESSION,
-        f"{SESSIONS}/{account}",
-    ).stdout
+    out = as_daemon_user(c, DESCRIBE_SESSION, f"{SESSIONS}/{account}")
     facts: dict[str, Any] = json.loads(out)
     return facts
 
@@ -504,17 +505,7 @@ def test_journal_has_no_traceback(release: Release) -> None:
 
 def test_backup_then_restore_before_ready(release: Release) -> None:
     c = release.container
-    c.run(
-        "runuser",
-        "-u",
-        "wadaemon",
-        "--",
-        "python3",
-        "-c",
-        MAKE_SESSION,
-        f"{SESSIONS}/{ACCOUNT}",
-        "first",
-    )
+    make_session(c, "first")
     before = session_facts(c)
     assert before["integrity"] == "ok" and before["rows"] == 200
     started = time.monotonic()
@@ -716,17 +707,7 @@ def test_upgrade_makes_a_final_backup_and_restarts(release: Release) -> None:
     c.sh(f"sed -i 's/^  debounce_seconds: .*/  debounce_seconds: 60/' {CONFIG}")
     mark = c.cursor()  # from the reload on: a failure shows what the daemon did meanwhile
     c.run("systemctl", "reload", "wadaemon", timeout=60)
-    c.run(
-        "runuser",
-        "-u",
-        "wadaemon",
-        "--",
-        "python3",
-        "-c",
-        MAKE_SESSION,
-        f"{SESSIONS}/{ACCOUNT}",
-        "changed before the upgrade",
-    )
+    make_session(c, "changed before the upgrade")
     changed = session_facts(c)
     key = c.run("sha256sum", KEY).stdout
     old = c.show("wadaemon", "MainPID")["MainPID"]
@@ -812,17 +793,7 @@ def test_previous_package_over_the_kept_data(release: Release) -> None:
     c.run("dpkg", "-S", VENV_PYTHON)  # that package's virtualenv is dpkg's
     c.sh(f"echo '# changed by the admin' >> {CONFIG}")
     c.run("systemctl", "reload", "wadaemon", timeout=60)
-    c.run(
-        "runuser",
-        "-u",
-        "wadaemon",
-        "--",
-        "python3",
-        "-c",
-        MAKE_SESSION,
-        f"{SESSIONS}/{ACCOUNT}",
-        f"changed under {version}",
-    )
+    make_session(c, f"changed under {version}")
     changed = session_facts(c)
     wait_for(lambda: head_creds_sha(c) == changed["creds_sha256"], 30, f"a backup by {version}")
     release.facts["upgraded from"] = Path(release.previous_inside).name
