@@ -227,7 +227,6 @@ class BackupEngine:
         snapshot = take_snapshot(
             account,
             source,
-            None,
             known.stats if known else None,
             known.since if known else None,
             PIECE_SIZE,

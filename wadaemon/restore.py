@@ -459,7 +459,7 @@ class Restorer:
         claimed = None if takeover and descent.generation == ADOPTED else descent.generation
         try:
             relation, head = self.replica.relation(
-                take_snapshot(account, self.layout.account_dir(account), None),
+                take_snapshot(account, self.layout.account_dir(account)),
                 claimed,
                 descent.pending,
             )

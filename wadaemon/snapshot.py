@@ -31,7 +31,7 @@ class SnapshotFile:
     path: str  # relative, with '/' separators
     kind: str  # "sqlite", or a file_kinds name ("json", "file")
     owner: Owner
-    # copied: the copy is in Snapshot.copies or under Snapshot.root; reused: unchanged since
+    # copied: the copy is in Snapshot.copies; reused: unchanged since
     # the stat key the caller offered, not read; torn: not whole by its kind's test within the
     # worker's time, not copied
     status: str = "copied"
@@ -59,7 +59,6 @@ class Snapshot:
     """A private, consistent copy of one account directory, safe to read from this process."""
 
     account: str
-    root: Path | None  # where copies not made in memory are (None: all are in memory)
     files: tuple[SnapshotFile, ...]
     warnings: tuple[str, ...]
     dirs: tuple[DirEntry, ...] = ()  # every directory, the account directory as "."
@@ -68,19 +67,17 @@ class Snapshot:
     # (relative path, what it is) of entries that are neither regular files nor directories
     # (symlinks, FIFOs, sockets, devices): never opened, never backed up
     skipped: tuple[tuple[str, str], ...] = ()
-    # copies made in memory, by relative path; the others are files under root
+    # the copies (made in memory by the snapshot worker), by relative path
     copies: Mapping[str, bytes] = field(default_factory=dict)
 
     def content(self, path: str) -> bytes:
         """The copied content of the file `path` (status "copied")."""
         copy = self.copies.get(path)
-        if copy is not None:
-            return copy
-        if self.root is None:
+        if copy is None:
             raise SnapshotError(
                 f"{path}: the snapshot worker sent no copy of it; the backup is retried"
             )
-        return (self.root / path).read_bytes()
+        return copy
 
     def piece(self, path: str, number: int) -> bytes:
         """Piece `number` of the file `path` captured by what changed (status "delta")."""
@@ -122,12 +119,11 @@ def _owner(raw: dict[str, Any]) -> Owner:
 def take_snapshot(
     account: str,
     source: Path,
-    dest: Path | None,
     reuse: dict[str, StatKey] | None = None,
     since: dict[str, tuple[WalPosition, int]] | None = None,
     piece_size: int = 64 * 1024,
 ) -> Snapshot:
-    """Copy `source` consistently (in memory, or into the empty directory `dest`). Files whose
+    """Copy `source` consistently, in memory (in the snapshot worker). Files whose
     stat key still matches `reuse[path]` are not read: they come back with status "reused".
     Databases with a position in `since` ({path: (position, pages)}) come back as the pieces
     changed since (status "delta") when their WAL still tells."""
@@ -137,9 +133,7 @@ def take_snapshot(
         "since": {p: {"wal": list(w), "pages": n} for p, (w, n) in (since or {}).items()},
         "piece_size": piece_size,
     }
-    out, copies = POOL.call(
-        "snapshot", str(source), str(dest or ""), options=options, timeout=WORKER_TIMEOUT_S
-    )
+    out, copies = POOL.call("snapshot", str(source), "", options=options, timeout=WORKER_TIMEOUT_S)
     files = tuple(
         SnapshotFile(
             path=f["path"].replace("\\", "/"),
@@ -167,7 +161,7 @@ def take_snapshot(
     )
     skipped = tuple((str(p).replace("\\", "/"), str(what)) for p, what in out.get("skipped", ()))
     warnings = tuple(out.get("warnings", ()))
-    return Snapshot(account, dest, files, warnings, dirs, devices, skipped, copies)
+    return Snapshot(account, files, warnings, dirs, devices, skipped, copies)
 
 
 def check_directory(path: Path, *, private_copy: bool = False) -> CheckReport:
