@@ -98,6 +98,18 @@ def clean_env() -> dict[str, str]:
 @pytest.mark.parametrize("version", PYTHONS)
 def test_install_step(version: str, unpacked: Path, tmp_path: Path) -> None:
     python = interpreter(version)
+    install_venv = str(unpacked / "usr/lib/wadaemon/install-venv")
+    # a --venv that names something else is refused, not emptied
+    elsewhere = tmp_path / "sessions"
+    (elsewhere / "alice").mkdir(parents=True)
+    refused = subprocess.run(
+        [install_venv, "--python", python, "--venv", str(elsewhere)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
+    assert refused.returncode == 1 and "is not a virtualenv" in refused.stderr, refused.stderr
+    assert (elsewhere / "alice").is_dir()
     venv = tmp_path / "venv"
     built = subprocess.run(
         [str(unpacked / "usr/lib/wadaemon/install-venv"), "--python", python, "--venv", str(venv)],
